@@ -1,0 +1,117 @@
+"""Geometry of a layer's second-order error model q(d) = g^T d + 1/2 d^T H d.
+
+With H = V diag(lam) V^T, the graph of q is a paraboloid whose kind follows from the signs of the
+eigenvalues (Sylvester's law of inertia). The cheapest direction to put an error of fixed norm in is the
+major axis, the eigenvector of the smallest eigenvalue; the most expensive is the minor axis.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["Inertia", "LowRankSurrogate", "classify_quadric", "inertia", "semi_axes"]
+
+
+@dataclass(frozen=True)
+class Inertia:
+    """Counts of positive, negative and zero eigenvalues (zero within a tolerance)."""
+
+    positive: int
+    negative: int
+    zero: int
+
+
+def inertia(eigenvalues: torch.Tensor, rtol: float = 1e-6) -> Inertia:
+    """Count eigenvalue signs, treating |lam| <= rtol * max |lam| as zero.
+
+    The tolerance is relative to the largest magnitude (our choice), so a round-off eigenvalue just below
+    zero of a positive semidefinite matrix counts as zero, not as negative.
+    """
+    values = torch.as_tensor(eigenvalues, dtype=torch.float64)
+    threshold = rtol * values.abs().max().item() if values.numel() else 0.0
+    positive = int((values > threshold).sum())
+    negative = int((values < -threshold).sum())
+    return Inertia(positive, negative, values.numel() - positive - negative)
+
+
+def classify_quadric(eigenvalues: torch.Tensor, rtol: float = 1e-6) -> str:
+    """Name the graph of q(d) from the signs of the eigenvalues of H.
+
+    Returns one of "elliptic paraboloid" (all positive: the level sets are ellipsoids), "inverted
+    elliptic paraboloid" (all negative), "hyperbolic paraboloid" (both signs: a saddle), each prefixed
+    by "cylinder over an " or "cylinder over a " when some eigenvalues are zero (those axes are
+    infinite), or "flat" when every eigenvalue is zero.
+    """
+    counts = inertia(eigenvalues, rtol)
+    if counts.positive and counts.negative:
+        kind = "hyperbolic paraboloid"
+    elif counts.positive:
+        kind = "elliptic paraboloid"
+    elif counts.negative:
+        kind = "inverted elliptic paraboloid"
+    else:
+        return "flat"
+    if counts.zero:
+        article = "an" if kind[0] in "aeiou" else "a"
+        return f"cylinder over {article} {kind}"
+    return kind
+
+
+def semi_axes(eigenvalues: torch.Tensor, level: float, rtol: float = 1e-6) -> torch.Tensor:
+    """Return the semi-axis lengths sqrt(2 level / |lam_i|) of the level set {1/2 a^T diag(lam) a = level}.
+
+    ``level`` is measured from the centre of the quadric, i.e. e + 1/2 g^T H^{-1} g for the level e of q.
+    A zero eigenvalue (within ``rtol`` of the largest magnitude) gives an infinite axis. For a negative
+    eigenvalue the length is that of the hyperbola's axis in that direction, so no square root of a
+    negative number is ever taken; the sign of lam tells which side of the level the axis lies on.
+    """
+    values = torch.as_tensor(eigenvalues, dtype=torch.float64)
+    threshold = rtol * values.abs().max().item() if values.numel() else 0.0
+    lengths = torch.full_like(values, math.inf)
+    nonzero = values.abs() > threshold
+    lengths[nonzero] = torch.sqrt(2.0 * abs(level) / values[nonzero].abs())
+    return lengths
+
+
+@dataclass
+class LowRankSurrogate:
+    """The low-rank-plus-isotropic model of one layer's Hessian block (our choice of surrogate).
+
+    H^ = V_k diag(lam_k) V_k^T + rho (I - V_k V_k^T): exact on the span of the top-k Ritz vectors (the
+    minor axes), and isotropic with the mean remaining curvature on its complement,
+    rho = max(0, (tr H - sum lam_k) / (n - k)).
+
+    Attributes:
+        eigenvalues: (k,) top Ritz values.
+        eigenvectors: (n, k) orthonormal Ritz vectors (flattened weight coordinates).
+        rho: curvature on the complement of the top-k subspace.
+    """
+
+    eigenvalues: torch.Tensor
+    eigenvectors: torch.Tensor
+    rho: float
+
+    @classmethod
+    def from_trace(cls, eigenvalues: torch.Tensor, eigenvectors: torch.Tensor, trace: float) -> LowRankSurrogate:
+        """Build the surrogate with rho from the trace (clipped at zero)."""
+        n, k = eigenvectors.shape
+        rho = max(0.0, (trace - eigenvalues.sum().item()) / (n - k)) if n > k else 0.0
+        return cls(eigenvalues, eigenvectors, rho)
+
+    def quadratic_cost(self, error: torch.Tensor) -> torch.Tensor:
+        """Return 1/2 d^T H^ d in O(nk) for an error d of any shape (it is flattened)."""
+        flat = error.reshape(-1)
+        coordinates = self.eigenvectors.to(flat.dtype).T @ flat
+        in_subspace = (self.eigenvalues.to(flat.dtype) * coordinates.square()).sum()
+        complement = flat.square().sum() - coordinates.square().sum()
+        return 0.5 * (in_subspace + self.rho * complement)
+
+    def matvec(self, vector: torch.Tensor) -> torch.Tensor:
+        """Return H^ v in O(nk)."""
+        flat = vector.reshape(-1)
+        vectors = self.eigenvectors.to(flat.dtype)
+        coordinates = vectors.T @ flat
+        return (self.rho * flat + vectors @ ((self.eigenvalues.to(flat.dtype) - self.rho) * coordinates)).reshape(vector.shape)

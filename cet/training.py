@@ -1,0 +1,172 @@
+"""Seeded training of the FP32 reference model, cached as a checkpoint keyed by its settings."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import TensorDataset
+from tqdm import tqdm
+
+from .io import save_atomic
+from .models import fashion_resnet34
+from .reproducibility import seed_everything
+
+__all__ = ["TrainConfig", "TrainResult", "cache_dir", "checkpoint_path", "evaluate", "train", "train_or_load"]
+
+logger = logging.getLogger(__name__)
+
+# Bump when the model definition or the training procedure changes, so that old checkpoints are not reused.
+_RECIPE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Settings of one training run; together they key the checkpoint cache."""
+
+    epochs: int = 10              # passes over the training subset
+    batch_size: int = 128
+    learning_rate: float = 0.1    # peak of the one-cycle schedule
+    momentum: float = 0.9         # Nesterov momentum of SGD
+    weight_decay: float = 5e-4    # on convolution and linear weights only
+    train_size: int = 60_000      # first images of a seeded permutation of the training split
+    augment: bool = True          # random 2-pixel shifts and horizontal flips
+    seed: int = 0
+
+    def key(self) -> str:
+        """Return a short hash of the settings and of the training recipe's version."""
+        payload = json.dumps({"recipe": _RECIPE_VERSION, **dataclasses.asdict(self)}, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+@dataclass
+class TrainResult:
+    """A trained model with the facts about its run."""
+
+    model: nn.Module
+    config: TrainConfig
+    train_seconds: float    # wall time of the training run that produced the checkpoint
+    from_cache: bool        # whether this call loaded the checkpoint instead of training
+    path: Path
+
+
+def cache_dir() -> Path:
+    """Return the checkpoint cache: ``$CET_CACHE``, else ``$XDG_CACHE_HOME/cet``, else ``~/.cache/cet``."""
+    if os.environ.get("CET_CACHE"):
+        return Path(os.environ["CET_CACHE"])
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "cet"
+
+
+def checkpoint_path(config: TrainConfig) -> Path:
+    """Return where the checkpoint for ``config`` is cached."""
+    return cache_dir() / "checkpoints" / f"fashion-resnet34-{config.key()}.pt"
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset: TensorDataset, batch_size: int = 500, device: str | torch.device = "cpu") -> float:
+    """Return the top-1 accuracy of ``model`` on ``dataset``, in percent, in eval mode."""
+    was_training = model.training
+    model.eval()
+    images, labels = dataset.tensors
+    correct = 0
+    for start in range(0, len(labels), batch_size):
+        logits = model(images[start:start + batch_size].to(device))
+        correct += (logits.argmax(dim=1).cpu() == labels[start:start + batch_size]).sum().item()
+    model.train(was_training)
+    return 100.0 * correct / len(labels)
+
+
+def _augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Shift each image by up to 2 pixels (zero padding in normalised units) and flip half of them."""
+    n, _, height, width = images.shape
+    background = images.amin()
+    padded = F.pad(images, (2, 2, 2, 2), value=background.item())
+    offsets = torch.randint(0, 5, (n, 2), generator=generator)
+    shifted = torch.stack([padded[i, :, y:y + height, x:x + width] for i, (y, x) in enumerate(offsets.tolist())])
+    flip = torch.rand(n, generator=generator) < 0.5
+    return torch.where(flip[:, None, None, None], shifted.flip(-1), shifted)
+
+
+def _parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    decayed = [p for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)) for p in [m.weight]]
+    decayed_ids = {id(p) for p in decayed}
+    others = [p for p in model.parameters() if id(p) not in decayed_ids]
+    return [{"params": decayed, "weight_decay": weight_decay}, {"params": others, "weight_decay": 0.0}]
+
+
+def train(config: TrainConfig, train_set: TensorDataset, device: str | torch.device = "cpu") -> tuple[nn.Module, float]:
+    """Train the Fashion-MNIST ResNet-34 from scratch; return the model (eval mode) and the wall time in seconds."""
+    seed_everything(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+    images, labels = train_set.tensors
+    if not 0 < config.train_size <= len(labels):
+        raise ValueError(f"invalid train_size {config.train_size}: must be between 1 and {len(labels)}")
+    subset = torch.randperm(len(labels), generator=generator)[:config.train_size]
+    images, labels = images[subset], labels[subset]
+
+    model = fashion_resnet34().to(device)
+    optimizer = torch.optim.SGD(
+        _parameter_groups(model, config.weight_decay), lr=config.learning_rate, momentum=config.momentum, nesterov=True
+    )
+    steps_per_epoch = math.ceil(len(labels) / config.batch_size)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=config.learning_rate, epochs=config.epochs, steps_per_epoch=steps_per_epoch
+    )
+
+    start = time.perf_counter()
+    model.train()
+    progress = tqdm(total=config.epochs * steps_per_epoch, desc="training ResNet-34", unit="step")
+    for epoch in range(config.epochs):
+        order = torch.randperm(len(labels), generator=generator)
+        running_loss = torch.zeros((), device=device)
+        for step in range(steps_per_epoch):
+            batch = order[step * config.batch_size:(step + 1) * config.batch_size]
+            inputs = _augment(images[batch], generator) if config.augment else images[batch]
+            loss = F.cross_entropy(model(inputs.to(device)), labels[batch].to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            running_loss += loss.detach()
+            progress.update()
+        mean_loss = running_loss.item() / steps_per_epoch
+        if not math.isfinite(mean_loss):
+            raise FloatingPointError(f"training diverged at epoch {epoch + 1}: mean loss {mean_loss}; lower learning_rate")
+        progress.set_postfix(epoch=epoch + 1, loss=f"{mean_loss:.4f}")
+        logger.info("epoch %d/%d: mean training loss %.4f", epoch + 1, config.epochs, mean_loss)
+    progress.close()
+    model.eval()
+    return model, time.perf_counter() - start
+
+
+def train_or_load(config: TrainConfig, train_set: TensorDataset, device: str | torch.device = "cpu", retrain: bool = False) -> TrainResult:
+    """Load the cached checkpoint for ``config``, or train and cache it.
+
+    The checkpoint is written atomically, so an interrupted run never leaves a partial checkpoint behind.
+    """
+    path = checkpoint_path(config)
+    if path.exists() and not retrain:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if state.get("config") != dataclasses.asdict(config):
+            raise ValueError(f"checkpoint {path} was trained with other settings {state.get('config')}; delete it to retrain")
+        model = fashion_resnet34()
+        model.load_state_dict(state["state_dict"])
+        logger.info("Loaded cached checkpoint %s", path)
+        return TrainResult(model.to(device).eval(), config, state["train_seconds"], True, path)
+
+    model, seconds = train(config, train_set, device)
+    state_dict = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
+    save_atomic({"config": dataclasses.asdict(config), "state_dict": state_dict, "train_seconds": seconds}, path)
+    logger.info("Trained in %.0f s; checkpoint saved to %s", seconds, path)
+    return TrainResult(model, config, seconds, False, path)

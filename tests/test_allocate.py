@@ -1,0 +1,157 @@
+"""Tests of cet.allocate against brute-force enumeration of every bit-width combination."""
+
+import itertools
+
+import numpy as np
+import pytest
+
+from cet.allocate import InfeasibleTargetError, allocate_bits, compression_ratio, reachable_ratios
+
+BIT_WIDTHS = [2, 4, 8]
+
+
+def random_instance(seed, negative):
+    """Return (costs, sizes) for 4 layers and 3 bit widths, with costs that decrease as bits grow."""
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(10, 5000, size=4)
+    steps = rng.uniform(0.01, 10.0, size=(4, 3))
+    costs = np.cumsum(steps[:, ::-1], axis=1)[:, ::-1]
+    if negative:
+        costs = costs - rng.uniform(0.0, 15.0, size=(4, 1))
+    return costs, sizes
+
+
+def brute_force(costs, sizes, bit_widths, target_ratio):
+    """Return the minimum total cost over all combinations that meet the target."""
+    best = np.inf
+    for choice in itertools.product(range(len(bit_widths)), repeat=len(sizes)):
+        chosen = [bit_widths[j] for j in choice]
+        if compression_ratio(sizes, chosen) >= target_ratio * (1 - 1e-12):
+            best = min(best, sum(costs[layer, j] for layer, j in enumerate(choice)))
+    return best
+
+
+@pytest.mark.parametrize("negative", [False, True])
+@pytest.mark.parametrize("seed", range(10))
+def test_allocation_matches_brute_force(seed, negative):
+    costs, sizes = random_instance(seed, negative)
+    low, high = reachable_ratios(BIT_WIDTHS)
+    target = np.random.default_rng(seed + 1000).uniform(low, high)
+
+    allocation = allocate_bits(costs, sizes, BIT_WIDTHS, target)
+
+    assert allocation.weight_compression_ratio >= target * (1 - 1e-9)
+    assert allocation.predicted_cost == pytest.approx(brute_force(costs, sizes, BIT_WIDTHS, target), rel=1e-9, abs=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_allocation_fields_consistent(seed):
+    costs, sizes = random_instance(seed, negative=True)
+
+    allocation = allocate_bits(costs, sizes, BIT_WIDTHS, 7.0)
+
+    chosen_columns = [BIT_WIDTHS.index(b) for b in allocation.bit_widths]
+    assert allocation.predicted_cost == pytest.approx(sum(costs[layer, j] for layer, j in enumerate(chosen_columns)), rel=1e-12)
+    assert allocation.weight_compression_ratio == pytest.approx(compression_ratio(sizes, allocation.bit_widths), rel=1e-12)
+
+
+def test_cost_scale_does_not_change_choice():
+    costs, sizes = random_instance(3, negative=False)
+
+    small = allocate_bits(costs * 1e-9, sizes, BIT_WIDTHS, 8.0)
+    large = allocate_bits(costs * 1e9, sizes, BIT_WIDTHS, 8.0)
+
+    assert small.bit_widths == large.bit_widths
+
+
+def test_low_target_picks_cheapest():
+    # Below the reachable range every combination meets the target, so each layer takes its cheapest width.
+    costs = np.array([[1.0, 2.0, 3.0], [3.0, 0.5, 1.0]])
+
+    allocation = allocate_bits(costs, [10, 20], BIT_WIDTHS, 1.0)
+
+    assert allocation.bit_widths == [2, 4]
+
+
+def test_target_at_maximum_is_feasible():
+    costs, sizes = random_instance(4, negative=False)
+
+    allocation = allocate_bits(costs, sizes, BIT_WIDTHS, 32 / min(BIT_WIDTHS))
+
+    assert allocation.bit_widths == [2, 2, 2, 2]
+
+
+def test_target_above_maximum_raises():
+    costs, sizes = random_instance(5, negative=False)
+
+    with pytest.raises(InfeasibleTargetError) as raised:
+        allocate_bits(costs, sizes, BIT_WIDTHS, 20.0)
+
+    message = str(raised.value)
+    assert "20x" in message
+    assert "4x to 16x" in message
+
+
+def test_infeasible_error_is_value_error():
+    assert issubclass(InfeasibleTargetError, ValueError)
+
+def test_one_bit_over_budget_excluded():
+    # With two layers of about 1e7 weights, the cheapest choice (2, 4) with cost 5 needs one bit more
+    # than the budget, so the optimum is (4, 2) with cost 6.
+    n = 10_000_000
+    sizes = [n, n + 1]
+    costs = np.array([[5.0, 0.0], [6.0, 0.0]])
+    budget_bits = 6 * n + 3
+    target = 32 * (2 * n + 1) / budget_bits
+
+    allocation = allocate_bits(costs, sizes, [2, 4], target)
+
+    assert allocation.bit_widths == [4, 2]
+
+
+@pytest.mark.parametrize("bit_widths", [[], [2, 2, 4], [1, 4], [4, 40], [2.5, 4], [True, 4], [0, 4]])
+def test_invalid_bit_widths_raise(bit_widths):
+    costs = np.zeros((2, len(bit_widths)))
+    with pytest.raises(ValueError, match="invalid bit width"):
+        allocate_bits(costs, [10, 20], bit_widths, 4.0)
+
+
+def test_numpy_integer_bit_widths_accepted():
+    allocation = allocate_bits(np.zeros((1, 2)), [10], np.array([2, 8]), 16.0)
+
+    assert allocation.bit_widths == [2]
+    assert type(allocation.bit_widths[0]) is int
+
+
+@pytest.mark.parametrize("shape", [(3, 3), (2, 2), (2, 3, 1), (6,)])
+def test_cost_table_wrong_shape_raises(shape):
+    with pytest.raises(ValueError, match="does not match"):
+        allocate_bits(np.zeros(shape), [10, 20], BIT_WIDTHS, 4.0)
+
+
+@pytest.mark.parametrize("bad_value", [np.nan, np.inf, -np.inf])
+def test_nonfinite_costs_raise(bad_value):
+    costs = np.zeros((2, 3))
+    costs[1, 2] = bad_value
+    with pytest.raises(ValueError, match="NaN or infinity"):
+        allocate_bits(costs, [10, 20], BIT_WIDTHS, 4.0)
+
+
+@pytest.mark.parametrize("target", [0.0, -2.0, np.nan, np.inf])
+def test_invalid_target_raises(target):
+    with pytest.raises(ValueError, match="invalid target ratio"):
+        allocate_bits(np.zeros((2, 3)), [10, 20], BIT_WIDTHS, target)
+
+
+def test_compression_ratio_hand_example():
+    # 32 * (100 + 300) / (100 * 8 + 300 * 4) = 12800 / 2000
+    assert compression_ratio([100, 300], [8, 4]) == 6.4
+
+
+def test_compression_ratio_uniform():
+    assert compression_ratio([7, 11, 13], [4, 4, 4]) == 8.0
+
+
+def test_reachable_ratios_hand_example():
+    assert reachable_ratios([2, 4, 8]) == (4.0, 16.0)
+    assert reachable_ratios([8, 3, 5]) == (4.0, 32 / 3)
