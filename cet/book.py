@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-__all__ = ["build_html", "chapters", "execute_book", "execute_chapter", "main"]
+__all__ = ["build_html", "chapter_parameters", "chapters", "execute_book", "execute_chapter", "main"]
 
 logger = logging.getLogger(__name__)
 
@@ -29,17 +29,14 @@ SOURCE = BUILD / "source"
 KERNEL = "python3"
 
 # Parameters that make every chapter run in a few minutes; the tests use them for a smoke run.
+# The training settings are shared, so that all chapters reuse one cached smoke checkpoint.
+_SMOKE_TRAINING = {"epochs": 1, "train_size": 2_000, "learning_rate": 0.05}
+_SMOKE_HESSIAN = {"calibration_size": 64, "hessian_batch_size": 32, "lanczos_steps": 4, "top_k": 2}
 SMOKE_PARAMETERS = {
-    "resnet34": {
-        "epochs": 1,
-        "train_size": 2_000,
-        "calibration_size": 64,
-        "hessian_batch_size": 32,
-        "lanczos_steps": 4,
-        "top_k": 2,
-        "trace_probes": 2,
-        "evaluation_size": 500,
-    },
+    "theory": {**_SMOKE_TRAINING, **_SMOKE_HESSIAN, "grid_points": 5, "numeric_trials": 20},
+    "resnet34": {**_SMOKE_TRAINING, **_SMOKE_HESSIAN, "trace_probes": 2, "evaluation_size": 500},
+    "verification": {**_SMOKE_TRAINING, **_SMOKE_HESSIAN, "trace_probes": 2,
+                     "direction_layers": ["conv1", "fc"], "direction_seeds": [0, 1]},
 }
 
 
@@ -63,16 +60,32 @@ def chapters(root: Path = ROOT) -> list[Path]:
     return notebooks
 
 
+def chapter_parameters(notebook: Path) -> list[str]:
+    """Return the names defined in the chapter's cell tagged ``parameters``."""
+    import papermill
+
+    return list(papermill.inspect_notebook(str(notebook)))
+
+
 def execute_chapter(
     notebook: Path, output: Path, parameters: dict | None = None, cwd: Path = ROOT, timeout: int | None = None
 ) -> float:
     """Execute one chapter with papermill into ``output``; return the wall time in seconds.
 
     Raises:
+        ValueError: a parameter is not defined in the chapter's ``parameters`` cell (a misspelt name
+            would otherwise be injected silently and ignored).
         RuntimeError: the chapter raised; the message names the chapter and the executed copy to read.
     """
     import papermill
 
+    parameters = parameters or {}
+    unknown = sorted(set(parameters) - set(chapter_parameters(notebook)))
+    if unknown:
+        raise ValueError(
+            f"unknown parameters {unknown} for chapter {notebook.name}; "
+            f"its parameters cell defines {sorted(chapter_parameters(notebook))}"
+        )
     output.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     # The kernel inherits this process's environment. Progress bars are turned off there, because in
@@ -81,7 +94,7 @@ def execute_chapter(
     os.environ["TQDM_DISABLE"] = "1"
     try:
         papermill.execute_notebook(
-            str(notebook), str(output), parameters=parameters or {}, kernel_name=KERNEL,
+            str(notebook), str(output), parameters=parameters, kernel_name=KERNEL,
             cwd=str(cwd), progress_bar=False, execution_timeout=timeout,
         )
     except papermill.PapermillExecutionError as error:
@@ -117,7 +130,7 @@ def execute_book(profile: str = "full", results_dir: Path | None = None) -> dict
     for notebook in chapters():
         stem = notebook.stem
         parameters = dict(SMOKE_PARAMETERS.get(stem, {})) if profile == "smoke" else {}
-        if results_dir is not None:
+        if results_dir is not None and "results_path" in chapter_parameters(notebook):
             parameters["results_path"] = str(results_dir / f"{stem}.json")
         logger.info("Executing %s", notebook.relative_to(ROOT))
         times[stem] = execute_chapter(notebook, SOURCE / notebook.relative_to(ROOT), parameters)

@@ -12,7 +12,16 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Inertia", "LowRankSurrogate", "classify_quadric", "inertia", "semi_axes"]
+__all__ = [
+    "Inertia",
+    "LowRankSurrogate",
+    "classify_quadric",
+    "complement_projection",
+    "inertia",
+    "quadric_center",
+    "semi_axes",
+    "subspace_projection",
+]
 
 
 @dataclass(frozen=True)
@@ -74,6 +83,35 @@ def semi_axes(eigenvalues: torch.Tensor, level: float, rtol: float = 1e-6) -> to
     nonzero = values.abs() > threshold
     lengths[nonzero] = torch.sqrt(2.0 * abs(level) / values[nonzero].abs())
     return lengths
+
+
+def quadric_center(eigenvalues: torch.Tensor, eigenvectors: torch.Tensor, gradient: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Return the stationary point d* = -H^{-1} g of q and the value q(d*) = -1/2 g^T H^{-1} g.
+
+    ``eigenvectors`` holds the full orthonormal eigenbasis of H as columns.
+
+    Raises:
+        ValueError: an eigenvalue is zero, so H is singular and q has no unique stationary point.
+    """
+    values = torch.as_tensor(eigenvalues, dtype=torch.float64)
+    if (values == 0).any():
+        raise ValueError("H is singular (a zero eigenvalue): q has no unique centre; the quadric is a cylinder")
+    vectors = eigenvectors.to(torch.float64)
+    coordinates = vectors.T @ gradient.reshape(-1).to(torch.float64)
+    center = -(vectors @ (coordinates / values))
+    return center, float(-0.5 * (coordinates.square() / values).sum())
+
+
+def subspace_projection(vectors: torch.Tensor, error: torch.Tensor) -> torch.Tensor:
+    """Return V V^T d, the part of d in the span of the orthonormal columns of V, shaped like d."""
+    flat = error.reshape(-1)
+    basis = vectors.to(flat.dtype)
+    return (basis @ (basis.T @ flat)).reshape(error.shape)
+
+
+def complement_projection(vectors: torch.Tensor, error: torch.Tensor) -> torch.Tensor:
+    """Return (I - V V^T) d, the part of d orthogonal to the span of the columns of V, shaped like d."""
+    return error - subspace_projection(vectors, error)
 
 
 @dataclass

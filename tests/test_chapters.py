@@ -13,9 +13,9 @@ from cet.book import ROOT, SMOKE_PARAMETERS, chapters, execute_chapter
 from cet.models import fashion_resnet34, quantizable_layers
 
 
-def test_toc_lists_existing_chapters():
+def test_toc_lists_every_chapter():
     names = [notebook.stem for notebook in chapters()]
-    assert "resnet34" in names
+    assert names == ["theory", "resnet34", "verification"]
 
 
 @pytest.mark.parametrize("notebook", sorted((ROOT / "book").glob("*.ipynb")), ids=lambda p: p.name)
@@ -25,14 +25,58 @@ def test_committed_notebook_has_no_outputs(notebook):
     assert with_outputs == [], f"{notebook.name} has outputs in cells {with_outputs}; clear them before committing"
 
 
-@pytest.fixture(scope="module")
-def resnet34_results(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("resnet34")
-    parameters = dict(SMOKE_PARAMETERS["resnet34"], results_path=str(directory / "resnet34.json"))
+def _write_notebook(path, sources):
+    notebook = nbformat.v4.new_notebook()
+    parameters = nbformat.v4.new_code_cell(sources[0])
+    parameters.metadata["tags"] = ["parameters"]
+    notebook.cells = [parameters] + [nbformat.v4.new_code_cell(s) for s in sources[1:]]
+    notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(notebook, path)
+    return path
+
+
+def test_unknown_parameter_rejected(tmp_path):
+    notebook = _write_notebook(tmp_path / "chapter.ipynb", ["size = 1", "print(size)"])
+    with pytest.raises(ValueError, match="unknown parameters \\['sizes'\\]"):
+        execute_chapter(notebook, tmp_path / "out.ipynb", {"sizes": 2})
+
+
+def test_failing_chapter_named_in_error(tmp_path):
+    notebook = _write_notebook(tmp_path / "broken.ipynb", ["size = 1", "raise ZeroDivisionError('on purpose')"])
+    with pytest.raises(RuntimeError, match="chapter broken.ipynb failed in cell .*ZeroDivisionError"):
+        execute_chapter(notebook, tmp_path / "out.ipynb", {"size": 2})
+
+
+@pytest.fixture(scope="session")
+def smoke_cache(tmp_path_factory):
+    """Return a checkpoint cache shared by the smoke chapters and independent of any earlier model."""
+    return tmp_path_factory.mktemp("cache")
+
+
+def _execute_smoke(name, directory, cache):
+    parameters = dict(SMOKE_PARAMETERS[name])
+    if name != "theory":
+        parameters["results_path"] = str(directory / f"{name}.json")
     with pytest.MonkeyPatch.context() as patch:
-        # A private checkpoint cache keeps the test independent of any model trained before.
-        patch.setenv("CET_CACHE", str(directory / "cache"))
-        execute_chapter(ROOT / "book" / "resnet34.ipynb", directory / "resnet34.ipynb", parameters)
+        patch.setenv("CET_CACHE", str(cache))
+        execute_chapter(ROOT / "book" / f"{name}.ipynb", directory / f"{name}.ipynb", parameters)
+    return parameters
+
+
+@pytest.mark.slow
+def test_theory_checks_pass(tmp_path, smoke_cache):
+    # Every symbolic and numeric check of the chapter is an assert, so executing it is the test.
+    _execute_smoke("theory", tmp_path, smoke_cache)
+    executed = nbformat.read(tmp_path / "theory.ipynb", as_version=4)
+    printed = "".join(o.get("text", "") for c in executed.cells if c.cell_type == "code" for o in c.outputs)
+    assert printed.count("checked symbolically") >= 10
+    assert printed.count("checked numerically") >= 5
+
+
+@pytest.fixture(scope="module")
+def resnet34_results(tmp_path_factory, smoke_cache):
+    directory = tmp_path_factory.mktemp("resnet34")
+    parameters = _execute_smoke("resnet34", directory, smoke_cache)
     return parameters, json.loads((directory / "resnet34.json").read_text())
 
 
@@ -59,10 +103,10 @@ def test_resnet34_values_finite(resnet34_results):
 def test_resnet34_allocations_within_budget(resnet34_results):
     _, results = resnet34_results
     sizes = {name: module.weight.numel() for name, module in quantizable_layers(fashion_resnet34()).items()}
+    names = list(sizes)
     for run in results["runs"]:
         assert set(run["bit_widths"]) == set(sizes), run["method"]
         assert set(run["bit_widths"].values()) <= set(results["bit_width_candidates"]), run["method"]
-        names = list(sizes)
         ratio = compression_ratio([sizes[n] for n in names], [run["bit_widths"][n] for n in names])
         assert ratio == pytest.approx(run["weight_compression_ratio"], rel=1e-12), run["method"]
         if run["target_ratio"] is not None:
@@ -74,3 +118,15 @@ def test_resnet34_uses_smoke_parameters(resnet34_results):
     parameters, results = resnet34_results
     assert results["evaluation_size"] == parameters["evaluation_size"]
     assert results["calibration_size"] == parameters["calibration_size"]
+
+
+@pytest.mark.slow
+def test_verification_results_complete(tmp_path, smoke_cache):
+    parameters = _execute_smoke("verification", tmp_path, smoke_cache)
+    results = json.loads((tmp_path / "verification.json").read_text())
+    assert [row["layer"] for row in results["direction_test"]] == parameters["direction_layers"]
+    for row in results["direction_test"]:
+        for kind in ("top", "random", "complement"):
+            assert math.isfinite(row[kind]), (row["layer"], kind)
+    assert -1.0 <= results["spearman_predicted_vs_measured"] <= 1.0
+    assert -1.0 <= results["spearman_hawq_v2_vs_measured"] <= 1.0

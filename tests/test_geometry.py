@@ -5,7 +5,16 @@ import math
 import pytest
 import torch
 
-from cet.geometry import Inertia, LowRankSurrogate, classify_quadric, inertia, semi_axes
+from cet.geometry import (
+    Inertia,
+    LowRankSurrogate,
+    classify_quadric,
+    complement_projection,
+    inertia,
+    quadric_center,
+    semi_axes,
+    subspace_projection,
+)
 
 
 def values(*entries):
@@ -172,3 +181,34 @@ def test_full_rank_surrogate_is_exact(rho):
 
     assert cost.item() == pytest.approx(0.5 * (error @ matrix @ error).item(), rel=1e-10, abs=1e-12)
     torch.testing.assert_close(product, matrix @ error, rtol=1e-10, atol=1e-12)
+
+
+def test_quadric_center_solves_linear_system():
+    generator = torch.Generator().manual_seed(5)
+    basis, _ = torch.linalg.qr(torch.randn(5, 5, generator=generator, dtype=torch.float64))
+    values = torch.tensor([3.0, 1.5, 0.7, -0.4, -2.0], dtype=torch.float64)
+    hessian = basis @ torch.diag(values) @ basis.T
+    gradient = torch.randn(5, generator=generator, dtype=torch.float64)
+
+    center, minimum = quadric_center(values, basis, gradient)
+
+    torch.testing.assert_close(center, -torch.linalg.solve(hessian, gradient))
+    assert minimum == pytest.approx(-0.5 * (gradient @ torch.linalg.solve(hessian, gradient)).item())
+
+
+def test_quadric_center_singular_raises():
+    with pytest.raises(ValueError, match="singular"):
+        quadric_center(torch.tensor([1.0, 0.0]), torch.eye(2, dtype=torch.float64), torch.ones(2))
+
+
+def test_projections_split_error():
+    generator = torch.Generator().manual_seed(6)
+    vectors, _ = torch.linalg.qr(torch.randn(8, 3, generator=generator, dtype=torch.float64))
+    error = torch.randn(2, 4, generator=generator, dtype=torch.float64)
+
+    inside = subspace_projection(vectors, error)
+    outside = complement_projection(vectors, error)
+
+    assert inside.shape == error.shape
+    torch.testing.assert_close(inside + outside, error)
+    torch.testing.assert_close(vectors.T @ outside.reshape(-1), torch.zeros(3, dtype=torch.float64), atol=1e-12, rtol=0)
