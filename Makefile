@@ -11,11 +11,29 @@ STAMP := $(VENV)/.installed
 help:
 	@echo "make book        create .venv, install the data, execute every chapter, build _build/html"
 	@echo "make test        create .venv, install the data, run the unit tests and the smoke chapters"
-	@echo "make book-smoke  the book with small parameters (minutes), for checking the pipeline"
+	@echo "make book-smoke  the book with small parameters (minutes) in _build/smoke, for checking the pipeline"
 	@echo "make clean       remove _build (the checkpoint cache and .venv stay)"
 
+# The environment counts as usable only when pip runs in it: on Debian without python3-venv,
+# `python3 -m venv` fails in ensurepip but leaves .venv/bin/python behind, so that test is not enough.
 $(STAMP): pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@if ! $(PY) -m pip --version >/dev/null 2>&1; then \
+		echo "Creating $(VENV) with $(PYTHON) -m venv"; \
+		if ! $(PYTHON) -m venv --clear $(VENV); then \
+			if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+				echo "$(PYTHON) -m venv failed; installing Debian's python3-venv and retrying"; \
+				apt-get update -qq \
+				&& DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv \
+				&& $(PYTHON) -m venv --clear $(VENV) \
+				|| { echo "Error: installing python3-venv or creating $(VENV) failed; see the messages above" >&2; exit 1; }; \
+			else \
+				echo "Error: $(PYTHON) -m venv failed. Install the python3-venv package (Debian and Ubuntu:" \
+					"apt-get install python3-venv) or set PYTHON to a Python 3.10+ that has venv and pip," \
+					"then run make again" >&2; \
+				exit 1; \
+			fi; \
+		fi; \
+	fi
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
@@ -33,13 +51,14 @@ data: $(STAMP)
 
 book: data
 	$(PY) -m cet.book execute --profile full
-	$(PY) -m cet.book build
+	$(PY) -m cet.book build --profile full
 	@echo "The book is at $(CURDIR)/_build/html/index.html"
 
+# The smoke book has its own folders under _build/smoke, so it never replaces the full book.
 book-smoke: data
 	$(PY) -m cet.book execute --profile smoke
-	$(PY) -m cet.book build
-	@echo "The book is at $(CURDIR)/_build/html/index.html"
+	$(PY) -m cet.book build --profile smoke
+	@echo "The smoke book is at $(CURDIR)/_build/smoke/_build/html/index.html"
 
 test: data
 	$(PY) -m pytest

@@ -90,9 +90,29 @@ def allocate_bits(costs: np.ndarray, sizes: Sequence[int], bit_widths: Sequence[
             f"the reachable range is {low:g}x to {high:g}x; lower the target or add smaller bit widths"
         )
 
-    # Normalise the objective so that HiGHS's absolute tolerances mean the same for any cost scale.
-    scale = np.abs(costs).max() or 1.0
-    objective = (costs / scale).ravel()
+    # HiGHS stops at an absolute optimality gap of 1e-6, which scipy does not expose. Subtracting each
+    # layer's smallest cost (a constant) and scaling by the largest remaining cost makes that gap
+    # relative to the cost range. A second solve, scaled by the first optimum, makes it relative to the
+    # optimum itself.
+    offsets = costs.min(axis=1, keepdims=True)
+    shifted = costs - offsets
+    scale = shifted.max() or 1.0
+    choice = _solve(shifted / scale, sizes, widths, budget, low, high, target_ratio)
+    optimum = float(shifted[np.arange(num_layers), choice].sum())
+    if optimum > 0:
+        choice = _solve(shifted / optimum, sizes, widths, budget, low, high, target_ratio)
+
+    chosen = [widths[j] for j in choice]
+    return Allocation(chosen, float(costs[np.arange(num_layers), choice].sum()), compression_ratio(sizes, chosen))
+
+
+def _solve(
+    objective_table: np.ndarray, sizes: np.ndarray, widths: list[int], budget: float,
+    low: float, high: float, target_ratio: float,
+) -> np.ndarray:
+    """Solve the multiple-choice knapsack with milp; return the chosen column of every layer."""
+    num_layers = len(sizes)
+    objective = objective_table.ravel()
     one_per_layer = LinearConstraint(np.kron(np.eye(num_layers), np.ones(len(widths))), 1, 1)
     # The size row counts bits, so its activity is an integer: the largest allowed total is the budget
     # rounded down (after absorbing round-off in 32 sum n / R), and a bound half a bit above it keeps
@@ -118,6 +138,4 @@ def allocate_bits(costs: np.ndarray, sizes: Sequence[int], bit_widths: Sequence[
         bound -= bits_used - allowed_bits
     else:
         raise RuntimeError(f"allocation solver kept returning {bits_used:.0f} bits, above the budget of {allowed_bits:.0f}")
-
-    chosen = [widths[j] for j in choice]
-    return Allocation(chosen, float(costs[np.arange(num_layers), choice].sum()), compression_ratio(sizes, chosen))
+    return choice

@@ -10,8 +10,8 @@ from torch import nn
 from torch.utils.data import TensorDataset
 from tqdm import tqdm
 
-from .geometry import LowRankSurrogate, classify_quadric
-from .hessian import LayerHessian, TraceEstimate
+from .geometry import LowRankSurrogate, classify_quadric, complement_projection
+from .hessian import LayerHessian, TraceEstimate, hutchinson_trace
 from .lanczos import lanczos
 from .models import quantizable_layers
 
@@ -28,9 +28,10 @@ class LayerAnalysis:
     num_weights: int
     ritz_values: torch.Tensor      # (m,) float64, descending; m = number of Lanczos steps taken
     ritz_residuals: torch.Tensor   # (m,) float64, |H y - theta y| estimates
-    trace: TraceEstimate           # Hutchinson estimate of tr H_l
+    trace: TraceEstimate           # tr H_l: the top-k Ritz values plus a Hutchinson estimate of the rest
     surrogate: LowRankSurrogate    # top-k Ritz pairs plus isotropic remainder
-    quadric: str                   # kind of quadric seen in the Ritz values, see classify_quadric
+    quadric: str                   # kind of quadric, see classify_quadric
+    zero_eigenvalues_at_least: int # proven zero eigenvalues (0 when nothing is proven)
 
     @property
     def top_eigenvalue(self) -> float:
@@ -48,20 +49,27 @@ def analyze_layers(
     batch_size: int = 128,
     lanczos_steps: int = 16,
     top_k: int = 8,
-    trace_probes: int = 16,
+    trace_probes: int = 8,
     seed: int = 0,
     device: str | torch.device = "cpu",
     layers: dict[str, nn.Module] | None = None,
+    piecewise_linear: bool = False,
 ) -> dict[str, LayerAnalysis]:
     """Analyse the Hessian block of every quantizable layer on the calibration set.
 
     Each layer gets ``lanczos_steps`` Lanczos steps from a seeded random start; its top ``top_k`` Ritz pairs
-    and its trace define the low-rank-plus-isotropic surrogate. Traces come from ``trace_probes``
-    Hutchinson probes shared by all layers (see :meth:`LayerHessian.block_traces`).
+    and its trace define the low-rank-plus-isotropic surrogate. The trace is the sum of the top-k Ritz
+    values plus ``trace_probes`` Hutchinson probes of the deflated block (I - P) H (I - P), P the projector
+    on the Ritz vectors. Both parts are exact in expectation, because tr H = tr PHP + tr (I-P)H(I-P),
+    and deflation removes the largest eigenvalues from the estimator's variance.
 
-    The quadric kind is read from the Ritz values only. A negative Ritz value proves an indefinite block
+    The quadric kind is read from the Ritz values. A negative Ritz value proves an indefinite block
     (Ritz values lie inside the spectrum), but all-positive Ritz values do not prove a positive definite
-    one, because Lanczos sees only a Krylov subspace.
+    one, because Lanczos sees only a Krylov subspace. With ``piecewise_linear`` set, the caller states
+    that the network's outputs are piecewise linear in each layer's weight (ReLU, max-pooling,
+    BatchNorm in eval mode, linear layers). Then H_l is the Gauss-Newton matrix J^T H_out J, whose rank is
+    at most N (C - 1) for N samples and C classes under cross-entropy, so a larger layer has at least
+    n - N (C - 1) zero eigenvalues: its quadric is a cylinder.
 
     Returns:
         Layer name -> analysis, in module order; frozen or unused layers are absent (and logged).
@@ -77,24 +85,31 @@ def analyze_layers(
 
     analyses: dict[str, LayerAnalysis] = {}
     with LayerHessian(model, layers, batches, device=device) as hessian:
-        traces = hessian.block_traces(trace_probes, generator)
+        rank_bound = hessian.num_samples * (hessian.num_outputs - 1)
         for name in tqdm(hessian.layer_names, desc="Lanczos per layer", unit="layer"):
             weight = hessian.parameters[name]
             start = torch.randn(weight.shape, generator=generator).to(device=device, dtype=weight.dtype)
             result = lanczos(lambda v, name=name: hessian.hvp(name, v), start, lanczos_steps)
             k = min(top_k, result.num_steps)
             values, vectors = result.top(k)
-            surrogate = LowRankSurrogate.from_trace(
-                values.cpu(), vectors.detach().cpu().float(), traces[name].mean
-            )
+
+            def deflated_hvp(probe, name=name, vectors=vectors):
+                outside = complement_projection(vectors, probe)
+                return complement_projection(vectors, hessian.hvp(name, outside))
+
+            remainder = hutchinson_trace(deflated_hvp, weight.detach(), trace_probes, generator)
+            trace = TraceEstimate(values.sum().item() + remainder.mean, remainder.standard_error, trace_probes)
+            surrogate = LowRankSurrogate.from_trace(values.cpu(), vectors.detach().cpu().float(), trace.mean)
+            zeros = max(0, weight.numel() - rank_bound) if piecewise_linear else 0
             analyses[name] = LayerAnalysis(
                 name=name,
                 num_weights=weight.numel(),
                 ritz_values=result.ritz_values.cpu(),
                 ritz_residuals=result.residuals.cpu(),
-                trace=traces[name],
+                trace=trace,
                 surrogate=surrogate,
-                quadric=classify_quadric(result.ritz_values),
+                quadric=classify_quadric(result.ritz_values, known_zero_eigenvalues=zeros),
+                zero_eigenvalues_at_least=zeros,
             )
-            logger.debug("%s: top Ritz value %.4g, trace %.4g", name, values[0].item(), traces[name].mean)
+            logger.debug("%s: top Ritz value %.4g, trace %.4g", name, values[0].item(), trace.mean)
     return analyses

@@ -1,9 +1,16 @@
 """Execute the book's chapters with papermill, then build the HTML with jupyter-book.
 
-``python -m cet.book execute`` runs every notebook listed in ``_toc.yml`` into ``_build/source`` and
-copies the other pages and the configuration beside them. ``python -m cet.book build`` then builds
-``_build/html`` from those executed copies without executing anything again. A chapter that raises
-stops the run with the chapter's name and papermill's report of the failing cell.
+``python -m cet.book execute`` runs every notebook listed in ``_toc.yml`` into the profile's source
+folder and copies the other pages and the configuration beside them. ``python -m cet.book build`` then
+builds the HTML from those executed copies without executing anything again. Each profile has its own
+folders, so a smoke run never replaces the full book:
+
+- ``--profile full`` executes into ``_build/source`` and builds ``_build/html/index.html``;
+- ``--profile smoke`` executes into ``_build/smoke/source`` and builds ``_build/smoke/_build/html/index.html``.
+
+The chapters are executed into a sibling ``.partial`` folder, which replaces the source folder only
+when every chapter succeeded. A chapter that raises stops the run with the chapter's name and
+papermill's report of the failing cell, and leaves the previous executed book in place.
 """
 
 from __future__ import annotations
@@ -19,18 +26,22 @@ from pathlib import Path
 
 import yaml
 
-__all__ = ["build_html", "chapter_parameters", "chapters", "execute_book", "execute_chapter", "main"]
+__all__ = [
+    "build_html", "chapter_parameters", "chapters", "execute_book", "execute_chapter", "html_index", "main",
+    "source_dir",
+]
 
 logger = logging.getLogger(__name__)
 
+# The functions below read these paths when called, so tests can point them at temporary folders.
 ROOT = Path(__file__).resolve().parent.parent
 BUILD = ROOT / "_build"
-SOURCE = BUILD / "source"
 KERNEL = "python3"
+PROFILES = ("full", "smoke")
 
 # Parameters that make every chapter run in a few minutes; the tests use them for a smoke run.
 # The training settings are shared, so that all chapters reuse one cached smoke checkpoint.
-_SMOKE_TRAINING = {"epochs": 1, "train_size": 2_000, "learning_rate": 0.05}
+_SMOKE_TRAINING = {"epochs": 2, "train_size": 4_000}
 _SMOKE_HESSIAN = {"calibration_size": 64, "hessian_batch_size": 32, "lanczos_steps": 4, "top_k": 2}
 SMOKE_PARAMETERS = {
     "theory": {**_SMOKE_TRAINING, **_SMOKE_HESSIAN, "grid_points": 5, "numeric_trials": 20},
@@ -40,8 +51,31 @@ SMOKE_PARAMETERS = {
 }
 
 
-def chapters(root: Path = ROOT) -> list[Path]:
-    """Return the notebooks listed in ``_toc.yml``, in the table of contents' order."""
+def _profile_dir(profile: str) -> Path:
+    if profile not in PROFILES:
+        raise ValueError(f"invalid profile {profile!r}: expected one of {', '.join(PROFILES)}")
+    return BUILD if profile == "full" else BUILD / profile
+
+
+def source_dir(profile: str = "full") -> Path:
+    """Return the folder of the profile's executed book: ``_build/source`` or ``_build/smoke/source``."""
+    return _profile_dir(profile) / "source"
+
+
+def _html_output_root(profile: str) -> Path:
+    # jupyter-book 1.x writes into <--path-output>/_build/html. For the full profile that is
+    # _build/html, the path that the README names.
+    return BUILD.parent if profile == "full" else _profile_dir(profile)
+
+
+def html_index(profile: str = "full") -> Path:
+    """Return the path of the profile's built ``index.html``."""
+    return _html_output_root(profile) / "_build" / "html" / "index.html"
+
+
+def chapters(root: Path | None = None) -> list[Path]:
+    """Return the notebooks listed in ``root/_toc.yml`` (default ``ROOT``), in the table of contents' order."""
+    root = ROOT if root is None else root
     toc = yaml.safe_load((root / "_toc.yml").read_text())
     files = [toc["root"]]
 
@@ -111,48 +145,86 @@ def execute_chapter(
 
 
 def execute_book(profile: str = "full", results_dir: Path | None = None) -> dict[str, float]:
-    """Execute every chapter into ``_build/source`` and copy the book's other files beside them.
+    """Execute every chapter into the profile's source folder and copy the book's other files beside them.
+
+    The chapters are executed into a sibling ``.partial`` folder, which replaces :func:`source_dir`
+    only when every chapter succeeded. When a chapter fails, its executed copy is moved to the
+    profile's ``failed`` folder, the ``.partial`` folder is removed, and the error is raised again.
 
     Results files go to ``results_dir`` when given. Otherwise the full profile leaves them at each
     chapter's ``results_path`` parameter (``results/``), and the smoke profile writes them to
     ``_build/smoke-results`` so that it never replaces the results of a full run.
     """
+    source = source_dir(profile)
+    partial = source.with_name(source.name + ".partial")
+    failed_dir = _profile_dir(profile) / "failed"
     if profile == "smoke" and results_dir is None:
         results_dir = BUILD / "smoke-results"
-    if SOURCE.exists():
-        shutil.rmtree(SOURCE)
-    SOURCE.mkdir(parents=True)
+
+    for stale in (partial, failed_dir):
+        if stale.exists():
+            shutil.rmtree(stale)
+    try:
+        times = _execute_into(partial, profile, results_dir, failed_dir)
+    except BaseException:
+        # BaseException also covers KeyboardInterrupt, so an interrupted run leaves no .partial folder.
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+
+    if source.exists():
+        shutil.rmtree(source)
+    partial.rename(source)
+    return times
+
+
+def _execute_into(target: Path, profile: str, results_dir: Path | None, failed_dir: Path) -> dict[str, float]:
+    target.mkdir(parents=True)
     for name in ("_config.yml", "_toc.yml"):
-        shutil.copy2(ROOT / name, SOURCE / name)
-    shutil.copytree(ROOT / "book", SOURCE / "book", ignore=shutil.ignore_patterns("*.ipynb", ".ipynb_checkpoints"))
+        shutil.copy2(ROOT / name, target / name)
+    shutil.copytree(ROOT / "book", target / "book", ignore=shutil.ignore_patterns("*.ipynb", ".ipynb_checkpoints"))
 
     times = {}
-    for notebook in chapters():
+    for notebook in chapters(ROOT):
         stem = notebook.stem
         parameters = dict(SMOKE_PARAMETERS.get(stem, {})) if profile == "smoke" else {}
         if results_dir is not None and "results_path" in chapter_parameters(notebook):
             parameters["results_path"] = str(results_dir / f"{stem}.json")
+        output = target / notebook.relative_to(ROOT)
         logger.info("Executing %s", notebook.relative_to(ROOT))
-        times[stem] = execute_chapter(notebook, SOURCE / notebook.relative_to(ROOT), parameters)
+        try:
+            times[stem] = execute_chapter(notebook, output, parameters, cwd=ROOT)
+        except RuntimeError as error:
+            if not output.exists():
+                raise
+            # The error names the executed copy, which lies in the folder that execute_book removes.
+            failed_dir.mkdir(parents=True, exist_ok=True)
+            failed_copy = failed_dir / output.name
+            shutil.move(output, failed_copy)
+            raise RuntimeError(f"{error} (moved to {failed_copy})") from error
         logger.info("%s executed in %.0f s", stem, times[stem])
     return times
 
 
-def build_html() -> Path:
-    """Build ``_build/html`` from the executed chapters; notebooks are not executed again."""
-    command = ["jupyter-book", "build", str(SOURCE), "--path-output", str(ROOT)]
+def build_html(profile: str = "full") -> Path:
+    """Build the profile's HTML from its executed chapters and return the ``index.html`` path.
+
+    Notebooks are not executed again. The full book goes to ``_build/html`` and the smoke book to
+    ``_build/smoke/_build/html``.
+    """
+    command = ["jupyter-book", "build", str(source_dir(profile)), "--path-output", str(_html_output_root(profile))]
     executable = Path(sys.executable).parent / "jupyter-book"
     if executable.exists():
         command[0] = str(executable)
     subprocess.run(command, check=True)
-    return BUILD / "html" / "index.html"
+    return html_index(profile)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cet.book", description=__doc__.splitlines()[0])
     parser.add_argument("step", choices=["execute", "build", "all"], help="execute the chapters, build the HTML, or both")
-    parser.add_argument("--profile", choices=["full", "smoke"], default="full",
-                        help="full: the book's parameters; smoke: small parameters that run in minutes")
+    parser.add_argument("--profile", choices=PROFILES, default="full",
+                        help="full: the book's parameters, in _build/source and _build/html; "
+                             "smoke: small parameters that run in minutes, in _build/smoke")
     arguments = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
@@ -161,9 +233,10 @@ def main(argv: list[str] | None = None) -> int:
         for name, seconds in times.items():
             logger.info("chapter %s: %.0f s", name, seconds)
     if arguments.step in ("build", "all"):
-        if not SOURCE.exists():
-            parser.error(f"{SOURCE} not found: run the execute step first")
-        index = build_html()
+        source = source_dir(arguments.profile)
+        if not source.exists():
+            parser.error(f"{source} not found: run the execute step with --profile {arguments.profile} first")
+        index = build_html(arguments.profile)
         logger.info("The book is at %s", index)
     return 0
 

@@ -159,7 +159,8 @@ def find_fashion_mnist(data_dir: str | os.PathLike | None = None, download_root:
     searched = ", ".join(f"{label} ({directory})" for label, directory in candidates)
     raise DataNotFoundError(
         "Fashion-MNIST not found. Searched: " + searched + ". Provide it in one of these ways:\n"
-        "  1. pass a directory holding the IDX files (data_dir=... or --data DIR);\n"
+        "  1. pass data_dir=DIR, a directory containing the IDX files, to load_fashion_mnist or find_fashion_mnist,\n"
+        "     or set the data_dir parameter of the chapter book/resnet34.ipynb to DIR;\n"
         "  2. set the environment variable CET_DATA to such a directory;\n"
         "  3. install Debian's package: apt-get install -y dataset-fashion-mnist "
         f"(files under {DEBIAN_DIR});\n"

@@ -46,8 +46,11 @@ def inertia(eigenvalues: torch.Tensor, rtol: float = 1e-6) -> Inertia:
     return Inertia(positive, negative, values.numel() - positive - negative)
 
 
-def classify_quadric(eigenvalues: torch.Tensor, rtol: float = 1e-6) -> str:
+def classify_quadric(eigenvalues: torch.Tensor, rtol: float = 1e-6, known_zero_eigenvalues: int = 0) -> str:
     """Name the graph of q(d) from the signs of the eigenvalues of H.
+
+    ``known_zero_eigenvalues`` adds zero eigenvalues known by other means, for eigenvalues that are only a
+    part of the spectrum (Ritz values, for instance).
 
     Returns one of "elliptic paraboloid" (all positive: the level sets are ellipsoids), "inverted
     elliptic paraboloid" (all negative), "hyperbolic paraboloid" (both signs: a saddle), each prefixed
@@ -55,6 +58,7 @@ def classify_quadric(eigenvalues: torch.Tensor, rtol: float = 1e-6) -> str:
     infinite), or "flat" when every eigenvalue is zero.
     """
     counts = inertia(eigenvalues, rtol)
+    counts = Inertia(counts.positive, counts.negative, counts.zero + known_zero_eigenvalues)
     if counts.positive and counts.negative:
         kind = "hyperbolic paraboloid"
     elif counts.positive:
@@ -76,25 +80,37 @@ def semi_axes(eigenvalues: torch.Tensor, level: float, rtol: float = 1e-6) -> to
     A zero eigenvalue (within ``rtol`` of the largest magnitude) gives an infinite axis. For a negative
     eigenvalue the length is that of the hyperbola's axis in that direction, so no square root of a
     negative number is ever taken; the sign of lam tells which side of the level the axis lies on.
+
+    Raises:
+        ValueError: the level set is empty: ``level`` is negative and every nonzero eigenvalue positive
+            (below the minimum of the quadric), or positive and every nonzero eigenvalue negative.
     """
     values = torch.as_tensor(eigenvalues, dtype=torch.float64)
     threshold = rtol * values.abs().max().item() if values.numel() else 0.0
+    positive, negative = (values > threshold).any(), (values < -threshold).any()
+    if level < 0 and positive and not negative:
+        raise ValueError(f"empty level set: level {level} lies below the minimum of a quadric with no negative eigenvalue")
+    if level > 0 and negative and not positive:
+        raise ValueError(f"empty level set: level {level} lies above the maximum of a quadric with no positive eigenvalue")
     lengths = torch.full_like(values, math.inf)
     nonzero = values.abs() > threshold
     lengths[nonzero] = torch.sqrt(2.0 * abs(level) / values[nonzero].abs())
     return lengths
 
 
-def quadric_center(eigenvalues: torch.Tensor, eigenvectors: torch.Tensor, gradient: torch.Tensor) -> tuple[torch.Tensor, float]:
+def quadric_center(
+    eigenvalues: torch.Tensor, eigenvectors: torch.Tensor, gradient: torch.Tensor, rtol: float = 1e-6
+) -> tuple[torch.Tensor, float]:
     """Return the stationary point d* = -H^{-1} g of q and the value q(d*) = -1/2 g^T H^{-1} g.
 
     ``eigenvectors`` holds the full orthonormal eigenbasis of H as columns.
 
     Raises:
-        ValueError: an eigenvalue is zero, so H is singular and q has no unique stationary point.
+        ValueError: an eigenvalue is zero within ``rtol`` of the largest magnitude, so H is singular and
+            q has no unique stationary point.
     """
     values = torch.as_tensor(eigenvalues, dtype=torch.float64)
-    if (values == 0).any():
+    if inertia(values, rtol).zero:
         raise ValueError("H is singular (a zero eigenvalue): q has no unique centre; the quadric is a cylinder")
     vectors = eigenvectors.to(torch.float64)
     coordinates = vectors.T @ gradient.reshape(-1).to(torch.float64)

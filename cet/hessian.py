@@ -76,7 +76,9 @@ class LayerHessian:
         names = list(candidates)
         for inputs, targets in batches:
             inputs, targets = inputs.to(device), targets.to(device)
-            loss = loss_fn(model(inputs), targets)
+            outputs = model(inputs)
+            self.num_outputs = outputs.shape[-1]
+            loss = loss_fn(outputs, targets)
             grads = torch.autograd.grad(loss, [candidates[n] for n in names], create_graph=True, allow_unused=True)
             self._gradients.append(dict(zip(names, grads)))
             self._weights.append(float(len(targets)))
@@ -142,8 +144,10 @@ class LayerHessian:
 
         With one Rademacher probe z over all layers, z_l^T (H z)_l has expectation tr H_l because the
         cross-layer terms z_l^T H_lm z_m have mean zero for independent signs. Every probe costs one
-        product for all layers instead of one per layer; the cross terms only add variance, which the
-        standard error includes.
+        product for all layers instead of one per layer. The cross terms add the variance of every
+        other layer's coupling, sum_m |H_lm|_F^2, which on a deep network can dwarf tr H_l itself: check
+        the standard error, and prefer per-layer probes (:func:`hutchinson_trace` with :meth:`hvp`) when
+        each layer's trace matters.
         """
         if num_probes < 2:
             raise ValueError(f"invalid num_probes {num_probes}: at least 2 are needed for a standard error")

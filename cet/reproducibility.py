@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 
 import numpy as np
@@ -13,13 +14,18 @@ __all__ = ["seed_everything"]
 def seed_everything(seed: int, deterministic: bool = True) -> None:
     """Seed Python, NumPy and PyTorch (all devices) and choose deterministic kernels.
 
-    With ``deterministic`` set, cuDNN autotuning is off and TF32 is disabled: TF32 keeps 10 mantissa bits,
-    which is too coarse for Hessian-vector products compared across devices.
+    With ``deterministic`` set, cuDNN autotuning is off, TF32 is disabled (it keeps 10 mantissa bits,
+    too coarse for Hessian-vector products compared across devices), and PyTorch is asked for
+    deterministic algorithms. Operations without a deterministic implementation then warn instead of
+    failing, so a CUDA run can still differ between repetitions in those operations.
     """
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
     if deterministic:
+        # cuBLAS needs a fixed workspace for deterministic results; it must be set before its first use.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.deterministic = True
         torch.backends.cuda.matmul.allow_tf32 = False

@@ -27,7 +27,7 @@ __all__ = ["TrainConfig", "TrainResult", "cache_dir", "checkpoint_path", "evalua
 logger = logging.getLogger(__name__)
 
 # Bump when the model definition or the training procedure changes, so that old checkpoints are not reused.
-_RECIPE_VERSION = 1
+_RECIPE_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,8 @@ class TrainConfig:
 
     epochs: int = 10              # passes over the training subset
     batch_size: int = 128
-    learning_rate: float = 0.1    # peak of the one-cycle schedule
+    learning_rate: float = 0.05   # peak of the one-cycle schedule
+    gradient_clip: float = 5.0    # max global gradient norm per step
     momentum: float = 0.9         # Nesterov momentum of SGD
     weight_decay: float = 5e-4    # on convolution and linear weights only
     train_size: int = 60_000      # first images of a seeded permutation of the training split
@@ -136,6 +137,7 @@ def train(config: TrainConfig, train_set: TensorDataset, device: str | torch.dev
             loss = F.cross_entropy(model(inputs.to(device)), labels[batch].to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), config.gradient_clip)
             optimizer.step()
             scheduler.step()
             running_loss += loss.detach()

@@ -155,3 +155,25 @@ def test_compression_ratio_uniform():
 def test_reachable_ratios_hand_example():
     assert reachable_ratios([2, 4, 8]) == (4.0, 16.0)
     assert reachable_ratios([8, 3, 5]) == (4.0, 32 / 3)
+
+
+def test_wide_cost_range_matches_brute_force():
+    # Costs over five decades: a solver gap relative to the largest cost would pick a worse allocation.
+    generator = np.random.default_rng(11)
+    for _ in range(20):
+        num_layers = 6
+        widths = [2, 4, 8]
+        sizes = generator.integers(1_000, 3_000_000, num_layers)
+        magnitude = 10.0 ** generator.uniform(-6, -1, num_layers)
+        costs = magnitude[:, None] * np.array([1.0, 0.05, 0.001])[None, :] * generator.uniform(0.5, 2.0, (num_layers, 3))
+        target = float(generator.uniform(5.0, 14.0))
+
+        allocation = allocate_bits(costs, sizes, widths, target)
+
+        budget = 32 * sizes.sum() / target
+        best = min(
+            sum(costs[l, j] for l, j in enumerate(choice))
+            for choice in itertools.product(range(3), repeat=num_layers)
+            if sum(sizes[l] * widths[j] for l, j in enumerate(choice)) <= budget
+        )
+        assert allocation.predicted_cost == pytest.approx(best, rel=1e-9, abs=0)

@@ -114,6 +114,27 @@ def test_resnet34_allocations_within_budget(resnet34_results):
 
 
 @pytest.mark.slow
+def test_resnet34_model_learned(resnet34_results):
+    # A diverged smoke model has flat logits, all-zero curvature and chance accuracy (10%); the
+    # analysis would then run on a degenerate network and check nothing.
+    _, results = resnet34_results
+    assert results["fp32_accuracy"] > 30.0
+
+
+@pytest.mark.slow
+def test_resnet34_layer_spectra_nondegenerate(resnet34_results):
+    _, results = resnet34_results
+    assert len(results["layers"]) == 37
+    for name, layer in results["layers"].items():
+        assert math.isfinite(layer["top_ritz_value"]), name
+        assert layer["top_ritz_value"] > 0.0, name
+        assert math.isfinite(layer["trace"]), name
+        assert math.isfinite(layer["trace_standard_error"]), name
+        assert layer["rho"] >= 0.0, name
+    assert 0.0 <= results["zero_gradient_fraction"] < 1.0
+
+
+@pytest.mark.slow
 def test_resnet34_uses_smoke_parameters(resnet34_results):
     parameters, results = resnet34_results
     assert results["evaluation_size"] == parameters["evaluation_size"]

@@ -212,3 +212,20 @@ def test_projections_split_error():
     assert inside.shape == error.shape
     torch.testing.assert_close(inside + outside, error)
     torch.testing.assert_close(vectors.T @ outside.reshape(-1), torch.zeros(3, dtype=torch.float64), atol=1e-12, rtol=0)
+
+
+def test_semi_axes_empty_level_raises():
+    with pytest.raises(ValueError, match="empty level set"):
+        semi_axes(values(2.0, 1.0), -1.0)
+    with pytest.raises(ValueError, match="empty level set"):
+        semi_axes(values(-2.0, -1.0), 1.0)
+
+
+def test_known_zero_eigenvalues_make_cylinder():
+    assert classify_quadric(values(3.0, 1.0), known_zero_eigenvalues=5) == "cylinder over an elliptic paraboloid"
+    assert classify_quadric(values(3.0, 1.0)) == "elliptic paraboloid"
+
+
+def test_quadric_center_near_zero_eigenvalue_raises():
+    with pytest.raises(ValueError, match="singular"):
+        quadric_center(values(1.0, 1e-17), torch.eye(2, dtype=torch.float64), torch.ones(2, dtype=torch.float64))
