@@ -7,6 +7,7 @@ and ``scipy.optimize.milp`` (HiGHS).
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -50,7 +51,7 @@ def _validate_bit_widths(bit_widths: Sequence[int]) -> list[int]:
     if not widths:
         raise ValueError("invalid bit widths: the list is empty; pass e.g. [2, 3, 4, 5, 6, 8]")
     for b in widths:
-        if isinstance(b, bool) or not isinstance(b, (int, np.integer)) or not MIN_BITS <= b <= MAX_BITS:
+        if isinstance(b, bool) or not isinstance(b, numbers.Integral) or not MIN_BITS <= b <= MAX_BITS:
             raise ValueError(f"invalid bit width {b!r}: each must be an integer from {MIN_BITS} to {MAX_BITS}")
     if len(set(widths)) != len(widths):
         raise ValueError(f"invalid bit widths {widths}: each may appear only once")
@@ -75,6 +76,10 @@ def allocate_bits(costs: np.ndarray, sizes: Sequence[int], bit_widths: Sequence[
     widths = _validate_bit_widths(bit_widths)
     costs = np.asarray(costs, dtype=np.float64)
     sizes = np.asarray(sizes, dtype=np.float64)
+    if sizes.ndim != 1 or len(sizes) == 0:
+        raise ValueError(f"invalid layer sizes of shape {sizes.shape}: expected a non-empty 1-D list of weight counts")
+    if not np.isfinite(sizes).all() or (sizes < 0).any() or sizes.sum() <= 0:
+        raise ValueError(f"invalid layer sizes {sizes.tolist()}: each must be a finite, non-negative weight count, not all zero")
     num_layers = len(sizes)
     if costs.shape != (num_layers, len(widths)):
         raise ValueError(f"cost table of shape {costs.shape} does not match {num_layers} layers by {len(widths)} bit widths")

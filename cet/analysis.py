@@ -74,6 +74,8 @@ def analyze_layers(
     Returns:
         Layer name -> analysis, in module order; frozen or unused layers are absent (and logged).
     """
+    if lanczos_steps < 1:
+        raise ValueError(f"invalid lanczos_steps {lanczos_steps}: must be at least 1")
     if not 0 < top_k <= lanczos_steps:
         raise ValueError(f"invalid top_k {top_k}: must be between 1 and lanczos_steps ({lanczos_steps})")
     if batch_size < 1:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gzip
 import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,7 +54,7 @@ _FILES = {
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte", 10_000),
 }
 
-# IDX type codes (the third byte of the magic number) for the types Fashion-MNIST uses.
+# IDX type codes (the third byte of the magic number) that this reader accepts; Fashion-MNIST uses 0x08.
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0D: np.dtype(">f4")}
 
 
@@ -84,15 +85,20 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     """
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as handle:
-        data = handle.read()
+    try:
+        with opener(path, "rb") as handle:
+            data = handle.read()
+    except (EOFError, gzip.BadGzipFile) as error:
+        raise ValueError(f"invalid IDX file {path}: the gzip stream is corrupt or truncated ({error})") from error
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
         raise ValueError(f"invalid IDX file {path}: bad magic number {data[:4].hex()}")
     dtype = np.dtype(_IDX_DTYPES[data[2]])
     ndim = data[3]
     header = 4 + 4 * ndim
+    if len(data) < header:
+        raise ValueError(f"invalid IDX file {path}: truncated header ({len(data)} bytes for {ndim} dimensions)")
     shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
-    expected = header + int(np.prod(shape)) * dtype.itemsize
+    expected = header + math.prod(shape) * dtype.itemsize
     if len(data) != expected:
         raise ValueError(f"invalid IDX file {path}: expected {expected} bytes for shape {shape}, found {len(data)}")
     return np.frombuffer(data, dtype=dtype, offset=header).reshape(shape)
@@ -144,7 +150,14 @@ def find_fashion_mnist(data_dir: str | os.PathLike | None = None, download_root:
 
     candidates: list[tuple[str, Path]] = []
     if os.environ.get("CET_DATA"):
-        candidates.append(("$CET_DATA", Path(os.environ["CET_DATA"])))
+        directory = Path(os.environ["CET_DATA"])
+        # A variable the user set on purpose must not be passed over in silence for another copy.
+        if not any(_has_all_files(sub) for sub in (directory, directory / "FashionMNIST" / "raw")):
+            raise DataNotFoundError(
+                f"CET_DATA is set to {directory}, which does not contain the four Fashion-MNIST IDX files; "
+                "fix the path, or unset CET_DATA to use the other copies"
+            )
+        candidates.append(("$CET_DATA", directory))
     candidates.append(("Debian package", DEBIAN_DIR))
     for label, directory in candidates:
         for sub in (directory, directory / "FashionMNIST" / "raw"):
@@ -176,6 +189,11 @@ def _load_split(directory: Path, split: str) -> TensorDataset:
         raise ValueError(
             f"invalid Fashion-MNIST {split} split in {directory}: images {images.shape}, labels {labels.shape}; "
             f"expected ({count}, 28, 28) and ({count},)"
+        )
+    if images.dtype != np.uint8 or labels.dtype != np.uint8:
+        raise ValueError(
+            f"invalid Fashion-MNIST {split} split in {directory}: images {images.dtype} and labels {labels.dtype}; "
+            "expected unsigned bytes (IDX type 0x08)"
         )
     if labels.max() >= len(FASHION_MNIST_CLASSES):
         raise ValueError(f"invalid Fashion-MNIST labels in {directory}: found class {labels.max()}, expected 0 to 9")

@@ -33,13 +33,20 @@ class Inertia:
     zero: int
 
 
+def _finite_eigenvalues(eigenvalues: torch.Tensor) -> torch.Tensor:
+    values = torch.as_tensor(eigenvalues, dtype=torch.float64)
+    if not torch.isfinite(values).all():
+        raise ValueError(f"eigenvalues must be finite, found {values[~torch.isfinite(values)].tolist()}")
+    return values
+
+
 def inertia(eigenvalues: torch.Tensor, rtol: float = 1e-6) -> Inertia:
     """Count eigenvalue signs, treating |lam| <= rtol * max |lam| as zero.
 
     The tolerance is relative to the largest magnitude (our choice), so a round-off eigenvalue just below
     zero of a positive semidefinite matrix counts as zero, not as negative.
     """
-    values = torch.as_tensor(eigenvalues, dtype=torch.float64)
+    values = _finite_eigenvalues(eigenvalues)
     threshold = rtol * values.abs().max().item() if values.numel() else 0.0
     positive = int((values > threshold).sum())
     negative = int((values < -threshold).sum())
@@ -57,6 +64,8 @@ def classify_quadric(eigenvalues: torch.Tensor, rtol: float = 1e-6, known_zero_e
     by "cylinder over an " or "cylinder over a " when some eigenvalues are zero (those axes are
     infinite), or "flat" when every eigenvalue is zero.
     """
+    if known_zero_eigenvalues < 0:
+        raise ValueError(f"invalid known_zero_eigenvalues {known_zero_eigenvalues}: must be non-negative")
     counts = inertia(eigenvalues, rtol)
     counts = Inertia(counts.positive, counts.negative, counts.zero + known_zero_eigenvalues)
     if counts.positive and counts.negative:
@@ -85,7 +94,7 @@ def semi_axes(eigenvalues: torch.Tensor, level: float, rtol: float = 1e-6) -> to
         ValueError: the level set is empty: ``level`` is negative and every nonzero eigenvalue positive
             (below the minimum of the quadric), or positive and every nonzero eigenvalue negative.
     """
-    values = torch.as_tensor(eigenvalues, dtype=torch.float64)
+    values = _finite_eigenvalues(eigenvalues)
     threshold = rtol * values.abs().max().item() if values.numel() else 0.0
     positive, negative = (values > threshold).any(), (values < -threshold).any()
     if level < 0 and positive and not negative:

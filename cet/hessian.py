@@ -8,6 +8,7 @@ over layers: layer l's block H_l is the second derivative with respect to that l
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -89,6 +90,10 @@ class LayerHessian:
         self._weights = [w / total for w in self._weights]
         self.loss = (loss_sum / total).item()
         self.num_samples = total
+        if not math.isfinite(self.loss):
+            raise FloatingPointError(
+                f"calibration loss is {self.loss}: the model produces NaN or infinite outputs; check its weights and inputs"
+            )
 
         for name in names:
             if all(g[name] is None for g in self._gradients):
@@ -105,15 +110,27 @@ class LayerHessian:
 
     def gradient(self, name: str) -> torch.Tensor:
         """Return the mean gradient of the loss with respect to the layer's weight (detached)."""
+        self._parameter(name)
         return sum(w * g[name].detach() for w, g in zip(self._weights, self._gradients))
 
     def batch_gradients(self, name: str) -> list[torch.Tensor]:
         """Return the per-batch gradients of the layer's weight, for standard errors of first-order terms."""
+        self._parameter(name)
         return [g[name].detach() for g in self._gradients]
+
+    def _check_open(self) -> None:
+        if not self._gradients:
+            raise RuntimeError("LayerHessian is closed: its graphs were freed; create a new one")
+
+    def _parameter(self, name: str) -> torch.Tensor:
+        self._check_open()
+        if name not in self.parameters:
+            raise KeyError(f"layer {name!r} not analysable here; expected one of {self.layer_names}")
+        return self.parameters[name]
 
     def hvp(self, name: str, vector: torch.Tensor) -> torch.Tensor:
         """Return H_l v for layer ``name``; ``vector`` is shaped like the layer's weight."""
-        parameter = self.parameters[name]
+        parameter = self._parameter(name)
         if vector.shape != parameter.shape:
             raise ValueError(f"vector of shape {tuple(vector.shape)} does not match layer {name} of shape {tuple(parameter.shape)}")
         vector = vector.to(parameter.dtype)
@@ -129,6 +146,7 @@ class LayerHessian:
         One second backward pass serves all layers, which makes this the cheap way to probe every block
         at once, as :meth:`block_traces` does.
         """
+        self._check_open()
         names = self.layer_names
         parameters = [self.parameters[n] for n in names]
         result = [torch.zeros_like(p) for p in parameters]

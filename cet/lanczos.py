@@ -101,6 +101,10 @@ def lanczos(
         for _ in range(2):
             w = w - active.T @ (active @ w)
         beta = torch.linalg.vector_norm(w)
+        if not (torch.isfinite(alpha) and torch.isfinite(beta)):
+            raise FloatingPointError(
+                f"Lanczos step {j + 1}: the operator returned NaN or infinity; check the model and its loss"
+            )
         alphas.append(alpha.double())
         scale = torch.maximum(scale, torch.maximum(alpha.double().abs(), beta.double()))
         # One host synchronisation per step decides whether to stop; it is the price of breakdown handling.

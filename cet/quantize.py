@@ -8,6 +8,7 @@ weight of every channel is represented exactly and the rounding error is at most
 from __future__ import annotations
 
 import copy
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +18,9 @@ __all__ = ["MAX_BITS", "MIN_BITS", "QuantizedTensor", "channel_axis", "quantizat
 
 MIN_BITS = 2
 MAX_BITS = 16
+_WEIGHT_LAYERS = (
+    nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear,
+)
 
 
 @dataclass
@@ -47,8 +51,9 @@ def quantize_per_channel(weight: torch.Tensor, bits: int, axis: int = 0) -> Quan
             float32 represents every code exactly only up to 16 bits), ``axis`` is not a dimension of
             the weight, or the weight contains NaN or infinity.
     """
-    if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
+    if isinstance(bits, bool) or not isinstance(bits, numbers.Integral) or not MIN_BITS <= bits <= MAX_BITS:
         raise ValueError(f"invalid bit width {bits!r}: must be an integer from {MIN_BITS} to {MAX_BITS}")
+    bits = int(bits)
     if not -weight.dim() <= axis < max(weight.dim(), 1):
         raise ValueError(f"invalid channel axis {axis} for a weight of shape {tuple(weight.shape)}")
     axis = axis % max(weight.dim(), 1)
@@ -75,6 +80,7 @@ def quantize_model(model: nn.Module, bit_widths: dict[str, int]) -> nn.Module:
 
     Raises:
         KeyError: a name in ``bit_widths`` is not a module of the model.
+        TypeError: the named module is not a convolution or a linear layer.
     """
     quantized = copy.deepcopy(model)
     modules = dict(quantized.named_modules())
@@ -82,5 +88,10 @@ def quantize_model(model: nn.Module, bit_widths: dict[str, int]) -> nn.Module:
         if name not in modules:
             raise KeyError(f"layer {name!r} not found in the model; expected one of the quantizable layer names")
         module = modules[name]
+        if not isinstance(module, _WEIGHT_LAYERS):
+            raise TypeError(
+                f"layer {name!r} is a {type(module).__name__}, which cannot be quantized; "
+                "only convolutions and linear layers can"
+            )
         module.weight.copy_(quantize_per_channel(module.weight, bits, channel_axis(module)).dequantize())
     return quantized

@@ -152,6 +152,25 @@ def train(config: TrainConfig, train_set: TensorDataset, device: str | torch.dev
     return model, time.perf_counter() - start
 
 
+def _load_checkpoint(path: Path, config: TrainConfig) -> tuple[nn.Module, float]:
+    """Load a cached checkpoint; any unreadable or mismatched file raises ValueError naming it."""
+    advice = f"delete {path} or pass retrain=True to train again"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise ValueError(f"cached checkpoint {path} is unreadable ({type(error).__name__}); {advice}") from error
+    if not isinstance(state, dict) or not {"config", "state_dict", "train_seconds"} <= state.keys():
+        raise ValueError(f"cached checkpoint {path} is not a cet checkpoint; {advice}")
+    if state["config"] != dataclasses.asdict(config):
+        raise ValueError(f"cached checkpoint {path} was trained with other settings {state['config']}; {advice}")
+    model = fashion_resnet34()
+    try:
+        model.load_state_dict(state["state_dict"])
+    except RuntimeError as error:
+        raise ValueError(f"cached checkpoint {path} does not fit the model: {error}; {advice}") from error
+    return model, float(state["train_seconds"])
+
+
 def train_or_load(config: TrainConfig, train_set: TensorDataset, device: str | torch.device = "cpu", retrain: bool = False) -> TrainResult:
     """Load the cached checkpoint for ``config``, or train and cache it.
 
@@ -159,14 +178,15 @@ def train_or_load(config: TrainConfig, train_set: TensorDataset, device: str | t
     """
     path = checkpoint_path(config)
     if path.exists() and not retrain:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if state.get("config") != dataclasses.asdict(config):
-            raise ValueError(f"checkpoint {path} was trained with other settings {state.get('config')}; delete it to retrain")
-        model = fashion_resnet34()
-        model.load_state_dict(state["state_dict"])
+        model, seconds = _load_checkpoint(path, config)
         logger.info("Loaded cached checkpoint %s", path)
-        return TrainResult(model.to(device).eval(), config, state["train_seconds"], True, path)
+        return TrainResult(model.to(device).eval(), config, seconds, True, path)
 
+    # Fail before training, not after, when the cache cannot be written.
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise OSError(f"cannot create the checkpoint cache {path.parent}: {error}; set CET_CACHE to a writable directory") from error
     model, seconds = train(config, train_set, device)
     state_dict = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
     save_atomic({"config": dataclasses.asdict(config), "state_dict": state_dict, "train_seconds": seconds}, path)
