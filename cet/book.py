@@ -41,7 +41,7 @@ PROFILES = ("full", "smoke")
 
 # Parameters that make every chapter run in a few minutes; the tests use them for a smoke run.
 # The training settings are shared, so that all chapters reuse one cached smoke checkpoint.
-_SMOKE_TRAINING = {"epochs": 2, "train_size": 4_000}
+_SMOKE_TRAINING = {"epochs": 2, "train_size": 4_000, "fine_tune_epochs": 1}
 _SMOKE_HESSIAN = {"calibration_size": 64, "hessian_batch_size": 32, "lanczos_steps": 4, "top_k": 2}
 SMOKE_PARAMETERS = {
     "theory": {**_SMOKE_TRAINING, **_SMOKE_HESSIAN, "grid_points": 5, "numeric_trials": 20},
