@@ -119,9 +119,9 @@ def _solve(
     num_layers = len(sizes)
     objective = objective_table.ravel()
     one_per_layer = LinearConstraint(np.kron(np.eye(num_layers), np.ones(len(widths))), 1, 1)
-    # The size row counts bits, so its activity is an integer: the largest allowed total is the budget
-    # rounded down (after absorbing round-off in 32 sum n / R), and a bound half a bit above it keeps
-    # HiGHS's feasibility tolerance from admitting one bit too many. A solution over the budget all the
+    # The size row counts bits, so its activity is an integer. The largest allowed total is the budget
+    # rounded down, after absorbing round-off in 32 sum n / R. A bound half a bit above it keeps HiGHS's
+    # feasibility tolerance from admitting one bit too many, and a solution over the budget all the
     # same is excluded by tightening the bound and solving again.
     size_row = np.outer(sizes, widths).ravel()[None, :]
     allowed_bits = np.floor(budget * (1 + 1e-12))

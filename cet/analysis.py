@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class LayerAnalysis:
-    """What CET knows about one layer's Hessian block."""
+    """The Hessian information CET keeps for one layer."""
 
     name: str
     num_weights: int
@@ -65,7 +65,7 @@ def analyze_layers(
 
     The quadric kind is read from the Ritz values. A negative Ritz value proves an indefinite block
     (Ritz values lie inside the spectrum), but all-positive Ritz values do not prove a positive definite
-    one, because Lanczos sees only a Krylov subspace. With ``piecewise_linear`` set, the caller states
+    one, because Lanczos explores only a Krylov subspace. With ``piecewise_linear`` set, the caller states
     that the network's outputs are piecewise linear in each layer's weight (ReLU, max-pooling,
     BatchNorm in eval mode, linear layers). Then H_l is the Gauss-Newton matrix J^T H_out J, whose rank is
     at most N (C - 1) for N samples and C classes under cross-entropy, so a larger layer has at least

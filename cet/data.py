@@ -128,7 +128,7 @@ def _download(root: Path) -> Path:
 
 
 def find_fashion_mnist(data_dir: str | os.PathLike | None = None, download_root: str | os.PathLike | None = None) -> Path:
-    """Return the directory that holds the four Fashion-MNIST IDX files.
+    """Return the directory that contains the four Fashion-MNIST IDX files.
 
     Args:
         data_dir: a directory to use. When given, it must contain the files; nothing else is tried.

@@ -88,7 +88,7 @@ def semi_axes(eigenvalues: torch.Tensor, level: float, rtol: float = 1e-6) -> to
     ``level`` is measured from the centre of the quadric, i.e. e + 1/2 g^T H^{-1} g for the level e of q.
     A zero eigenvalue (within ``rtol`` of the largest magnitude) gives an infinite axis. For a negative
     eigenvalue the length is that of the hyperbola's axis in that direction, so no square root of a
-    negative number is ever taken; the sign of lam tells which side of the level the axis lies on.
+    negative number is ever taken. The sign of lam shows on which side of the level the axis lies.
 
     Raises:
         ValueError: the level set is empty: ``level`` is negative and every nonzero eigenvalue positive
@@ -112,7 +112,7 @@ def quadric_center(
 ) -> tuple[torch.Tensor, float]:
     """Return the stationary point d* = -H^{-1} g of q and the value q(d*) = -1/2 g^T H^{-1} g.
 
-    ``eigenvectors`` holds the full orthonormal eigenbasis of H as columns.
+    ``eigenvectors`` contains the full orthonormal eigenbasis of H as columns.
 
     Raises:
         ValueError: an eigenvalue is zero within ``rtol`` of the largest magnitude, so H is singular and

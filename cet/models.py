@@ -23,8 +23,9 @@ def fashion_resnet34(num_classes: int = 10) -> nn.Module:
     give 56x56 to 7x7), which keeps training affordable on a CPU. All layer names are torchvision's, so
     state dicts and layer-wise reports read the same as for the ImageNet model.
     """
-    # Limitation: on 1x1 maps a 3x3 convolution with padding 1 uses only its centre tap, so most weights
-    # of layer4 never touch the data and quantize for free; see zero_gradient_weights.
+    # Limitation: on 1x1 maps a 3x3 convolution with padding 1 uses only its centre tap. Most weights of
+    # layer4 therefore never touch the data and quantize for free (see zero_gradient_weights).
+
     # Zero-initialising the last BatchNorm of each residual block makes every block start as the
     # identity, which keeps the first epochs stable (Goyal et al., 2017).
     model = resnet34(num_classes=num_classes, zero_init_residual=True)

@@ -66,7 +66,7 @@ class TrainConfig:
 class FineTuneConfig:
     """A second training stage from a trained checkpoint: SGD with a cosine decay to zero.
 
-    The one-cycle schedule ends at a learning rate near zero; a short second cycle from a tenth of the
+    The one-cycle schedule ends at a learning rate near zero. A short second cycle from a tenth of the
     first peak lowers the training loss further at little cost.
     """
 
