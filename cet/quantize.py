@@ -49,7 +49,7 @@ def quantize_per_channel(weight: torch.Tensor, bits: int, axis: int = 0) -> Quan
     Raises:
         ValueError: ``bits`` is outside 2 to 16, ``axis`` is not a dimension of the weight, or the
             weight contains NaN or infinity. The symmetric grid needs at least the ternary levels, and
-            float32 holds every code exactly only up to 16 bits.
+            float32 represents every code exactly only up to 16 bits.
     """
     if isinstance(bits, bool) or not isinstance(bits, numbers.Integral) or not MIN_BITS <= bits <= MAX_BITS:
         raise ValueError(f"invalid bit width {bits!r}: must be an integer from {MIN_BITS} to {MAX_BITS}")
