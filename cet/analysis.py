@@ -68,8 +68,8 @@ def analyze_layers(
     one, because Lanczos explores only a Krylov subspace. With ``piecewise_linear`` set, the caller states
     that the network's outputs are piecewise linear in each layer's weight (ReLU, max-pooling,
     BatchNorm in eval mode, linear layers). Then H_l is the Gauss-Newton matrix J^T H_out J, whose rank is
-    at most N (C - 1) for N samples and C classes under cross-entropy, so a larger layer has at least
-    n - N (C - 1) zero eigenvalues: its quadric is a cylinder.
+    at most N (C - 1) for N samples and C classes under cross-entropy. A larger layer therefore has at
+    least n - N (C - 1) zero eigenvalues, and its quadric is a cylinder.
 
     Returns:
         Layer name -> analysis, in module order; frozen or unused layers are absent (and logged).

@@ -1,8 +1,8 @@
 """Geometry of a layer's second-order error model q(d) = g^T d + 1/2 d^T H d.
 
 With H = V diag(lam) V^T, the graph of q is a paraboloid whose kind follows from the signs of the
-eigenvalues (Sylvester's law of inertia). The cheapest direction to put an error of fixed norm in is the
-major axis, the eigenvector of the smallest eigenvalue; the most expensive is the minor axis.
+eigenvalues (Sylvester's law of inertia). An error of fixed norm costs least along the major axis, the
+eigenvector of the smallest eigenvalue. It costs most along the minor axis, that of the largest.
 """
 
 from __future__ import annotations
@@ -59,10 +59,10 @@ def classify_quadric(eigenvalues: torch.Tensor, rtol: float = 1e-6, known_zero_e
     ``known_zero_eigenvalues`` adds zero eigenvalues known by other means, for eigenvalues that are only a
     part of the spectrum (Ritz values, for instance).
 
-    Returns one of "elliptic paraboloid" (all positive: the level sets are ellipsoids), "inverted
-    elliptic paraboloid" (all negative), "hyperbolic paraboloid" (both signs: a saddle), each prefixed
-    by "cylinder over an " or "cylinder over a " when some eigenvalues are zero (those axes are
-    infinite), or "flat" when every eigenvalue is zero.
+    Returns "elliptic paraboloid" when all eigenvalues are positive (the level sets are ellipsoids),
+    "inverted elliptic paraboloid" when all are negative, and "hyperbolic paraboloid" (a saddle) when
+    both signs occur. When some eigenvalues are zero, the name is prefixed by "cylinder over a(n)",
+    because those axes are infinite. When every eigenvalue is zero, it returns "flat".
     """
     if known_zero_eigenvalues < 0:
         raise ValueError(f"invalid known_zero_eigenvalues {known_zero_eigenvalues}: must be non-negative")

@@ -136,15 +136,22 @@ def _parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decayed, "weight_decay": weight_decay}, {"params": others, "weight_decay": 0.0}]
 
 
-def train(config: TrainConfig, train_set: TensorDataset, device: str | torch.device = "cpu") -> tuple[nn.Module, float]:
-    """Train the Fashion-MNIST ResNet-34 from scratch; return the model (eval mode) and the wall time in seconds."""
-    seed_everything(config.seed)
-    generator = torch.Generator().manual_seed(config.seed)
+def _training_subset(
+    train_set: TensorDataset, config: TrainConfig, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return the first ``config.train_size`` images and labels of a permutation drawn with ``generator``."""
     images, labels = train_set.tensors
     if not 0 < config.train_size <= len(labels):
         raise ValueError(f"invalid train_size {config.train_size}: must be between 1 and {len(labels)}")
     subset = torch.randperm(len(labels), generator=generator)[:config.train_size]
-    images, labels = images[subset], labels[subset]
+    return images[subset], labels[subset]
+
+
+def train(config: TrainConfig, train_set: TensorDataset, device: str | torch.device = "cpu") -> tuple[nn.Module, float]:
+    """Train the Fashion-MNIST ResNet-34 from scratch; return the model (eval mode) and the wall time in seconds."""
+    seed_everything(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+    images, labels = _training_subset(train_set, config, generator)
 
     model = fashion_resnet34().to(device)
     optimizer = torch.optim.SGD(
@@ -255,9 +262,8 @@ def fine_tune_or_load(
     config = base.config
     seed_everything(fine_tune.seed)
     generator = torch.Generator().manual_seed(fine_tune.seed)
-    images, labels = train_set.tensors
-    subset = torch.randperm(len(labels), generator=torch.Generator().manual_seed(config.seed))[:config.train_size]
-    images, labels = images[subset], labels[subset]
+    # A generator seeded like the first stage's draws the same training subset.
+    images, labels = _training_subset(train_set, config, torch.Generator().manual_seed(config.seed))
     model = copy.deepcopy(base.model).to(device)
     optimizer = torch.optim.SGD(
         _parameter_groups(model, config.weight_decay), lr=fine_tune.learning_rate, momentum=config.momentum, nesterov=True
