@@ -1,11 +1,15 @@
-"""Fashion-MNIST loading and calibration sampling.
+"""Data sets: Fashion-MNIST, ImageNet-style image folders and CIFAR-10, and calibration sampling.
 
-The images are read from IDX files (gzip-compressed or not). The search order for the files is:
+Fashion-MNIST images are read from IDX files (gzip-compressed or not). The search order for the files is:
 a directory the caller names, ``$CET_DATA``, the directory of Debian's ``dataset-fashion-mnist``
 package, and finally torchvision's download, only when the caller allows the network.
 
 The calibration set that CET uses to estimate Hessians is always drawn from the training split;
 the test split is reserved for evaluation.
+
+:func:`load_data_source` reads a data specification of the command line (``fashion-mnist[:DIR]``,
+``imagefolder:DIR``, ``cifar10:DIR``) into a :class:`DataSource`: a pool to draw calibration samples
+from and an evaluation split.
 """
 
 from __future__ import annotations
@@ -14,15 +18,22 @@ import gzip
 import logging
 import math
 import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import TensorDataset
+from torch.utils.data import Dataset, TensorDataset
 
 __all__ = [
+    "CIFAR10_MEAN",
+    "CIFAR10_STD",
+    "DATA_SPEC_HELP",
     "DEBIAN_DIR",
+    "DataSource",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
     "FASHION_MNIST_CLASSES",
     "FASHION_MNIST_MEAN",
     "FASHION_MNIST_STD",
@@ -30,8 +41,13 @@ __all__ = [
     "DataNotFoundError",
     "calibration_indices",
     "calibration_set",
+    "draw_calibration_set",
     "find_fashion_mnist",
+    "imagenet_evaluation_transform",
+    "load_cifar10",
+    "load_data_source",
     "load_fashion_mnist",
+    "load_image_folder",
     "read_idx",
 ]
 
@@ -224,3 +240,212 @@ def calibration_set(train: TensorDataset, size: int, seed: int) -> TensorDataset
     indices = calibration_indices(len(train), size, seed)
     images, labels = train.tensors
     return TensorDataset(images[indices], labels[indices])
+
+
+# Per-channel statistics of ImageNet's training images, as used by torchvision's pretrained weights.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Per-channel statistics of CIFAR-10's 50,000 training images, scaled to [0, 1].
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+
+_CIFAR10_TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
+_CIFAR10_TEST_BATCH = "test_batch"
+
+DATA_SPEC_HELP = (
+    "fashion-mnist[:DIR] (the four IDX files; without DIR, $CET_DATA or Debian's package), "
+    "imagefolder:DIR (one folder per class, ImageNet's validation layout; with DIR/train and DIR/val, "
+    "calibration uses train and evaluation val), cifar10:DIR (the python-format batches data_batch_1 "
+    "to data_batch_5 and test_batch)"
+)
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """A data set as the compression steps use it.
+
+    Attributes:
+        spec: the specification it was loaded from, e.g. ``imagefolder:/data/imagenet``.
+        calibration_pool: the split that calibration samples are drawn from (a training split when
+            the data set has one).
+        evaluation: the split that accuracy is measured on.
+        num_classes: the number of classes, so label values lie in ``range(num_classes)``.
+    """
+
+    spec: str
+    calibration_pool: Dataset
+    evaluation: Dataset
+    num_classes: int
+
+
+def imagenet_evaluation_transform(crop_size: int = 224):
+    """Return torchvision's standard ImageNet evaluation transform.
+
+    The shorter side is resized to ``crop_size * 256 / 224`` pixels (256 for the default) with bilinear
+    interpolation and antialiasing, the centre ``crop_size`` square is cut out, and each channel is
+    normalised with ImageNet's mean and standard deviation. With ``crop_size=224`` this matches the
+    transform of torchvision's ``IMAGENET1K_V1`` weights.
+    """
+    from torchvision import transforms
+
+    if crop_size < 1:
+        raise ValueError(f"invalid crop size {crop_size}: must be a positive number of pixels")
+    return transforms.Compose([
+        transforms.Resize(round(crop_size * 256 / 224), interpolation=transforms.InterpolationMode.BILINEAR, antialias=True),
+        transforms.CenterCrop(crop_size),
+        transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+def _image_folder(directory: Path, crop_size: int) -> Dataset:
+    from torchvision.datasets import ImageFolder
+
+    if not directory.is_dir():
+        raise DataNotFoundError(f"image folder {directory} not found; pass an existing directory with one sub-folder per class")
+    try:
+        dataset = ImageFolder(str(directory), transform=imagenet_evaluation_transform(crop_size))
+    except FileNotFoundError as error:
+        raise DataNotFoundError(
+            f"image folder {directory} contains no images in class sub-folders ({error}); "
+            "expected DIR/<class>/<image>.JPEG, the layout of ImageNet's validation set after sorting into classes"
+        ) from error
+    return dataset
+
+
+def load_image_folder(data_dir: str | os.PathLike, crop_size: int = 224) -> tuple[Dataset, Dataset]:
+    """Load an ImageNet-style image folder; return the calibration pool and the evaluation split.
+
+    ``data_dir`` either contains one sub-folder per class (ImageNet's validation layout), which then
+    serves both for calibration and for evaluation, or ``train`` and ``val`` folders of that layout.
+    Classes are numbered in the sorted order of their folder names, as torchvision's ``ImageFolder``
+    does. For ImageNet's synset folders (``n01440764`` ...) that order is the class index of
+    torchvision's pretrained weights.
+
+    Raises:
+        DataNotFoundError: the directory is missing or contains no images in class sub-folders.
+    """
+    directory = Path(data_dir)
+    train, val = directory / "train", directory / "val"
+    if train.is_dir() and val.is_dir():
+        calibration_pool, evaluation = _image_folder(train, crop_size), _image_folder(val, crop_size)
+        if calibration_pool.classes != evaluation.classes:
+            raise ValueError(
+                f"the class folders of {train} and {val} differ ({len(calibration_pool.classes)} and "
+                f"{len(evaluation.classes)} classes); both splits need the same class folders"
+            )
+        return calibration_pool, evaluation
+    # NOTE: without a train folder the calibration samples come from the evaluation images, so the
+    # measured accuracy is not on held-out data for those samples.
+    dataset = _image_folder(directory, crop_size)
+    logger.warning("%s has no train and val folders: calibration samples are drawn from the evaluation images", directory)
+    return dataset, dataset
+
+
+def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        with open(path, "rb") as handle:
+            # The batches are pickled dictionaries. NOTE: unpickling runs code from the file, so load
+            # only batches from a trusted source, as with any pickle.
+            batch = pickle.load(handle, encoding="bytes")
+    except (pickle.UnpicklingError, EOFError, ValueError) as error:
+        raise ValueError(f"invalid CIFAR-10 batch {path}: {error}") from error
+    if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
+        raise ValueError(f"invalid CIFAR-10 batch {path}: expected a dictionary with the keys b'data' and b'labels'")
+    pixels = np.asarray(batch[b"data"], dtype=np.uint8)
+    labels = np.asarray(batch[b"labels"], dtype=np.int64)
+    if pixels.ndim != 2 or pixels.shape[1] != 3 * 32 * 32 or len(labels) != len(pixels):
+        raise ValueError(
+            f"invalid CIFAR-10 batch {path}: data of shape {pixels.shape} and {len(labels)} labels; "
+            "expected (N, 3072) and N labels"
+        )
+    if len(labels) and not 0 <= labels.min() <= labels.max() < 10:
+        raise ValueError(f"invalid CIFAR-10 labels in {path}: found {labels.min()} to {labels.max()}, expected 0 to 9")
+    return pixels, labels
+
+
+def _cifar_tensors(batches: list[tuple[np.ndarray, np.ndarray]]) -> TensorDataset:
+    pixels = np.concatenate([p for p, _ in batches]).reshape(-1, 3, 32, 32)
+    labels = np.concatenate([label for _, label in batches])
+    images = torch.from_numpy(pixels.astype(np.float32) / 255.0)
+    mean = torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CIFAR10_STD).view(1, 3, 1, 1)
+    return TensorDataset((images - mean) / std, torch.from_numpy(labels))
+
+
+def load_cifar10(data_dir: str | os.PathLike) -> tuple[TensorDataset, TensorDataset]:
+    """Load CIFAR-10 from its python-format batches; return the training and test splits, normalised.
+
+    ``data_dir`` contains ``data_batch_1`` to ``data_batch_5`` and ``test_batch``, directly or in the
+    ``cifar-10-batches-py`` folder of the published archive.
+
+    Raises:
+        DataNotFoundError: the directory or one of the six batch files is missing.
+        ValueError: a batch file is not a CIFAR-10 batch.
+    """
+    directory = Path(data_dir)
+    if not (directory / _CIFAR10_TEST_BATCH).is_file() and (directory / "cifar-10-batches-py").is_dir():
+        directory = directory / "cifar-10-batches-py"
+    names = (*_CIFAR10_TRAIN_BATCHES, _CIFAR10_TEST_BATCH)
+    missing = [name for name in names if not (directory / name).is_file()]
+    if missing:
+        raise DataNotFoundError(
+            f"CIFAR-10 not found in {directory}: missing {', '.join(missing)}. Point cifar10:DIR at the "
+            "extracted cifar-10-python.tar.gz, which contains the folder cifar-10-batches-py"
+        )
+    train = _cifar_tensors([_read_cifar_batch(directory / name) for name in _CIFAR10_TRAIN_BATCHES])
+    test = _cifar_tensors([_read_cifar_batch(directory / _CIFAR10_TEST_BATCH)])
+    return train, test
+
+
+def load_data_source(spec: str, image_size: int = 224) -> DataSource:
+    """Load the data set named by a specification; see :data:`DATA_SPEC_HELP` for the forms.
+
+    Args:
+        spec: ``fashion-mnist``, ``fashion-mnist:DIR``, ``imagefolder:DIR`` or ``cifar10:DIR``.
+        image_size: the crop size of the ImageNet evaluation transform (image folders only).
+
+    Raises:
+        ValueError: the specification names no known data set, or lacks its directory.
+        DataNotFoundError: the data are not where the specification says.
+    """
+    kind, _, location = spec.partition(":")
+    if kind == "fashion-mnist":
+        data = load_fashion_mnist(location or None)
+        return DataSource(spec, data.train, data.test, len(FASHION_MNIST_CLASSES))
+    if kind not in ("imagefolder", "cifar10"):
+        raise ValueError(f"invalid data specification {spec!r}: expected one of {DATA_SPEC_HELP}")
+    if not location:
+        raise ValueError(f"invalid data specification {spec!r}: {kind} needs a directory, as in {kind}:DIR")
+    if not Path(location).is_dir():
+        raise DataNotFoundError(f"data directory {location} not found; check the path in {spec!r}")
+    if kind == "cifar10":
+        train, test = load_cifar10(location)
+        return DataSource(spec, train, test, 10)
+    calibration_pool, evaluation = load_image_folder(location, image_size)
+    return DataSource(spec, calibration_pool, evaluation, len(evaluation.classes))
+
+
+def draw_calibration_set(pool: Dataset, size: int, seed: int) -> TensorDataset:
+    """Draw ``size`` distinct samples from ``pool`` with a seeded generator, stacked into tensors.
+
+    Works for any map-style data set (image folders load and transform only the drawn images). For a
+    ``TensorDataset`` the draw equals :func:`calibration_set`.
+
+    Raises:
+        ValueError: ``size`` is not between 1 and the number of samples in ``pool``.
+    """
+    if not 0 < size <= len(pool):
+        raise ValueError(
+            f"invalid calibration size {size}: the data provide {len(pool)} samples to draw from; "
+            f"choose a calibration size from 1 to {len(pool)}"
+        )
+    indices = calibration_indices(len(pool), size, seed)
+    if isinstance(pool, TensorDataset):
+        images, labels = pool.tensors
+        return TensorDataset(images[indices], labels[indices])
+    samples = [pool[i] for i in indices.tolist()]
+    images = torch.stack([image for image, _ in samples])
+    labels = torch.tensor([label for _, label in samples], dtype=torch.int64)
+    return TensorDataset(images, labels)
