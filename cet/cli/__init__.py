@@ -87,7 +87,7 @@ def _model_options() -> argparse.ArgumentParser:
         help="fashion-resnet34 (the book's model), a torchvision architecture such as resnet34 (with --weights), "
              "or module:function returning your nn.Module (importable from the current directory)",
     )
-    model.add_argument("--weights", help="a state dict file, or a checkpoint holding one under 'state_dict' or 'model'")
+    model.add_argument("--weights", help="a state dict file, or a checkpoint containing one under 'state_dict' or 'model'")
     model.add_argument("--num-classes", type=_positive_int, default=1000,
                        help="output classes of a torchvision architecture (default: 1000, ImageNet)")
     model.add_argument("--batch-size", type=_positive_int, default=128, help="images per forward pass (default: 128)")
@@ -245,8 +245,8 @@ def _quantize(args, model) -> None:
     from .steps import quantize, read_plan
 
     info = quantize(model, read_plan(args.plan), args.output)
-    size = os.path.getsize(args.output)
-    _say(args, f"wrote {args.output}: {size:,} bytes ({info})" if info is not None else f"wrote {args.output}: {size:,} bytes")
+    _say(args, f"wrote {args.output}: {info.file_bytes:,} bytes, {info.file_compression_ratio:.2f}x smaller than "
+               f"the float32 state dict ({info.fp32_state_dict_bytes:,} bytes); weights {info.weight_compression_ratio:.2f}x")
 
 
 def _evaluate(args, model, data, device) -> None:
