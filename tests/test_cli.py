@@ -166,7 +166,7 @@ def test_resnet34_on_image_folder(capsys, tmp_path):
 
     analysis_path = tmp_path / "analysis.json"
     code, out, err = run(capsys, "analyze", *model, "--data", f"imagefolder:{images}", "--calibration-size", 2,
-                         "--bits", "4,8", "--lanczos-steps", 2, "--top-k", 1, "--trace-probes", 1, "--device", "cpu",
+                         "--bits", "4,8", "--lanczos-steps", 2, "--top-k", 1, "--trace-probes", 2, "--device", "cpu",
                          "-o", analysis_path)
     assert code == 0, err
     analysis = json.loads(analysis_path.read_text())

@@ -62,14 +62,20 @@ def _bit_widths(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid integer {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"invalid value {value}: must be at least 1")
-    return value
+def _integer_at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid integer {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"invalid value {value}: must be at least {minimum}")
+        return value
+
+    return parse
+
+
+_positive_int = _integer_at_least(1)
 
 
 def _common_options() -> argparse.ArgumentParser:
@@ -127,7 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help=f"candidate bit widths, comma-separated, each from 2 to 16 (default: {DEFAULT_BITS})")
     analyze.add_argument("--lanczos-steps", type=_positive_int, default=16, help="Lanczos steps per layer (default: 16)")
     analyze.add_argument("--top-k", type=_positive_int, default=8, help="Ritz pairs kept per layer (default: 8)")
-    analyze.add_argument("--trace-probes", type=_positive_int, default=8, help="Hutchinson probes per layer (default: 8)")
+    # Two probes are the fewest that give the trace a standard error.
+    analyze.add_argument("--trace-probes", type=_integer_at_least(2), default=8,
+                         help="Hutchinson probes per layer, at least 2 (default: 8)")
     analyze.add_argument("-o", "--output", required=True, help="the analysis JSON to write")
 
     allocate = commands.add_parser(
