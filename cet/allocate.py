@@ -1,8 +1,9 @@
 """Bit allocation: one bit width per layer, chosen exactly as a multiple-choice knapsack.
 
-Given a cost table c_l(b) (the predicted loss change of layer l at b bits), the allocation minimises
-sum_l c_l(b_l) subject to a weight-compression target, using one binary variable per (layer, bit width)
-and ``scipy.optimize.milp`` (HiGHS).
+Given a cost table c_l(b) (the predicted loss change of layer l at b bits), the allocation either
+minimises sum_l c_l(b_l) subject to a weight-compression target, or minimises the total bits
+sum_l n_l b_l subject to sum_l c_l(b_l) <= a tolerance. Both use one binary variable per
+(layer, bit width) and ``scipy.optimize.milp`` (HiGHS).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ __all__ = ["Allocation", "InfeasibleTargetError", "allocate_bits", "compression_
 
 FLOAT_BITS = 32
 _MAX_SOLVES = 5
+_MAX_TOLERANCE_SOLVES = 20
 
 
 class InfeasibleTargetError(ValueError):
@@ -58,8 +60,16 @@ def _validate_bit_widths(bit_widths: Sequence[int]) -> list[int]:
     return [int(b) for b in widths]
 
 
-def allocate_bits(costs: np.ndarray, sizes: Sequence[int], bit_widths: Sequence[int], target_ratio: float) -> Allocation:
-    """Choose one bit width per layer minimising the total cost within a weight-compression target.
+def allocate_bits(
+    costs: np.ndarray, sizes: Sequence[int], bit_widths: Sequence[int], target_ratio: float | None = None,
+    *, tolerance: float | None = None,
+) -> Allocation:
+    """Choose one bit width per layer, either for a compression target or for a predicted-cost tolerance.
+
+    With ``target_ratio`` the allocation minimises the total predicted cost within the compression target.
+    With ``tolerance`` it minimises the total number of weight bits sum n_l b_l subject to a total
+    predicted cost of at most ``tolerance``, and takes the cheapest among allocations of that size.
+    ``tolerance=0`` asks for the smallest model predicted to be no worse than the float32 one.
 
     Args:
         costs: (L, B) table; costs[l, j] is the predicted loss change of layer l at ``bit_widths[j]``.
@@ -67,12 +77,19 @@ def allocate_bits(costs: np.ndarray, sizes: Sequence[int], bit_widths: Sequence[
         sizes: (L,) number of weights per layer.
         bit_widths: the B candidate bit widths.
         target_ratio: the allocation satisfies sum n_l b_l <= 32 sum n_l / target_ratio.
+        tolerance: the allocation satisfies sum_l costs[l, j_l] <= tolerance, evaluated in float64 exactly
+            as ``Allocation.predicted_cost`` reports it. Pass exactly one of the two targets.
 
     Raises:
         InfeasibleTargetError: the target lies outside the reachable range, which the message names.
-        ValueError: shapes disagree, or costs are not finite.
+        ValueError: both targets or neither are given, shapes disagree, or costs are not finite.
         RuntimeError: the solver failed for another reason.
     """
+    if (target_ratio is None) == (tolerance is None):
+        raise ValueError(
+            "pass exactly one of target_ratio (a compression target) and tolerance (a predicted-cost limit); "
+            f"got target_ratio={target_ratio!r}, tolerance={tolerance!r}"
+        )
     widths = _validate_bit_widths(bit_widths)
     costs = np.asarray(costs, dtype=np.float64)
     sizes = np.asarray(sizes, dtype=np.float64)
@@ -85,6 +102,22 @@ def allocate_bits(costs: np.ndarray, sizes: Sequence[int], bit_widths: Sequence[
         raise ValueError(f"cost table of shape {costs.shape} does not match {num_layers} layers by {len(widths)} bit widths")
     if not np.isfinite(costs).all():
         raise ValueError("cost table contains NaN or infinity; check the Hessian analysis of the offending layers")
+
+    if tolerance is not None:
+        choice = _smallest_within_tolerance(costs, sizes, widths, tolerance)
+    else:
+        choice = _cheapest_within_ratio(costs, sizes, widths, target_ratio)
+    chosen = [widths[j] for j in choice]
+    return Allocation(chosen, _total_cost(costs, choice), compression_ratio(sizes, chosen))
+
+
+def _total_cost(costs: np.ndarray, choice: np.ndarray) -> float:
+    """Return the predicted cost of ``choice``; the tolerance check and the reported cost both use this sum."""
+    return float(costs[np.arange(len(costs)), choice].sum())
+
+
+def _cheapest_within_ratio(costs: np.ndarray, sizes: np.ndarray, widths: list[int], target_ratio: float) -> np.ndarray:
+    """Return the column of every layer that minimises the total cost within the compression target."""
     low, high = reachable_ratios(widths)
     if not np.isfinite(target_ratio) or target_ratio <= 0:
         raise ValueError(f"invalid target ratio {target_ratio}: must be a positive number")
@@ -94,7 +127,15 @@ def allocate_bits(costs: np.ndarray, sizes: Sequence[int], bit_widths: Sequence[
             f"target ratio {target_ratio:g}x is not reachable with bit widths {widths}: "
             f"the reachable range is {low:g}x to {high:g}x; lower the target or add smaller bit widths"
         )
+    infeasible_message = f"target ratio {target_ratio:g}x is infeasible; the reachable range is {low:g}x to {high:g}x"
+    return _cheapest_within_budget(costs, sizes, widths, np.floor(budget * (1 + 1e-12)), infeasible_message)
 
+
+def _cheapest_within_budget(
+    costs: np.ndarray, sizes: np.ndarray, widths: list[int], allowed_bits: float, infeasible_message: str,
+) -> np.ndarray:
+    """Return the column of every layer that minimises the total cost using at most ``allowed_bits`` bits."""
+    num_layers = len(sizes)
     # HiGHS stops at an absolute optimality gap of 1e-6, which scipy does not expose. Subtracting each
     # layer's smallest cost (a constant) and scaling by the largest remaining cost makes that gap
     # relative to the cost range. A second solve, scaled by the first optimum, makes it relative to the
@@ -102,18 +143,15 @@ def allocate_bits(costs: np.ndarray, sizes: Sequence[int], bit_widths: Sequence[
     offsets = costs.min(axis=1, keepdims=True)
     shifted = costs - offsets
     scale = shifted.max() or 1.0
-    choice = _solve(shifted / scale, sizes, widths, budget, low, high, target_ratio)
+    choice = _solve(shifted / scale, sizes, widths, allowed_bits, infeasible_message)
     optimum = float(shifted[np.arange(num_layers), choice].sum())
     if optimum > 0:
-        choice = _solve(shifted / optimum, sizes, widths, budget, low, high, target_ratio)
-
-    chosen = [widths[j] for j in choice]
-    return Allocation(chosen, float(costs[np.arange(num_layers), choice].sum()), compression_ratio(sizes, chosen))
+        choice = _solve(shifted / optimum, sizes, widths, allowed_bits, infeasible_message)
+    return choice
 
 
 def _solve(
-    objective_table: np.ndarray, sizes: np.ndarray, widths: list[int], budget: float,
-    low: float, high: float, target_ratio: float,
+    objective_table: np.ndarray, sizes: np.ndarray, widths: list[int], allowed_bits: float, infeasible_message: str,
 ) -> np.ndarray:
     """Solve the multiple-choice knapsack with milp; return the chosen column of every layer."""
     num_layers = len(sizes)
@@ -124,16 +162,13 @@ def _solve(
     # feasibility tolerance from admitting one bit too many, and a solution over the budget all the
     # same is excluded by tightening the bound and solving again.
     size_row = np.outer(sizes, widths).ravel()[None, :]
-    allowed_bits = np.floor(budget * (1 + 1e-12))
     bound = allowed_bits + 0.5
     for _ in range(_MAX_SOLVES):
         within_budget = LinearConstraint(size_row, -np.inf, bound)
         result = milp(objective, constraints=[one_per_layer, within_budget],
                       integrality=np.ones_like(objective), bounds=Bounds(0, 1), options={"mip_rel_gap": 0.0})
         if result.status == 2:
-            raise InfeasibleTargetError(
-                f"target ratio {target_ratio:g}x is infeasible; the reachable range is {low:g}x to {high:g}x"
-            )
+            raise InfeasibleTargetError(infeasible_message)
         if result.status != 0 or result.x is None:
             raise RuntimeError(f"allocation solver failed: {result.message}")
         choice = result.x.reshape(num_layers, len(widths)).argmax(axis=1)
@@ -144,3 +179,77 @@ def _solve(
     else:
         raise RuntimeError(f"allocation solver kept returning {bits_used:.0f} bits, above the budget of {allowed_bits:.0f}")
     return choice
+
+
+def _smallest_within_tolerance(costs: np.ndarray, sizes: np.ndarray, widths: list[int], tolerance: float) -> np.ndarray:
+    """Return the column of every layer with the fewest total bits whose total cost is at most ``tolerance``.
+
+    Among allocations of that size the cheapest is returned.
+    """
+    if isinstance(tolerance, bool) or not isinstance(tolerance, numbers.Real) or not np.isfinite(tolerance):
+        raise ValueError(f"invalid tolerance {tolerance!r}: must be a finite number, the largest allowed predicted cost")
+    num_layers = len(sizes)
+    cheapest = costs.argmin(axis=1)
+    minimum_cost = _total_cost(costs, cheapest)
+    if minimum_cost > tolerance:
+        narrowest_cost = _total_cost(costs, np.full(num_layers, int(np.argmin(widths))))
+        raise InfeasibleTargetError(
+            f"tolerance {tolerance:g} is not reachable with bit widths {widths}: the predicted cost ranges from "
+            f"{minimum_cost:g} (the cheapest width of every layer) to {narrowest_cost:g} (the narrowest width "
+            f"everywhere); raise the tolerance to at least {minimum_cost:g} or add wider bit widths"
+        )
+
+    choice = _fewest_bits_within_tolerance(costs, sizes, widths, tolerance)
+    # The first solve only minimises the size. Minimising the cost at that size picks the cheapest of
+    # equal-sized allocations. If the solver's optimality gap puts that result above the tolerance, the
+    # first choice is kept.
+    allowed_bits = float(np.dot(sizes, [widths[j] for j in choice]))
+    try:
+        cheaper = _cheapest_within_budget(costs, sizes, widths, allowed_bits, "no allocation fits the size just found")
+    except InfeasibleTargetError:
+        return choice
+    if _total_cost(costs, cheaper) <= min(tolerance, _total_cost(costs, choice)):
+        return cheaper
+    return choice
+
+
+def _fewest_bits_within_tolerance(costs: np.ndarray, sizes: np.ndarray, widths: list[int], tolerance: float) -> np.ndarray:
+    """Solve min sum n_l b_l subject to total cost <= tolerance with milp; return the chosen columns.
+
+    The caller has checked that the cheapest width of every layer meets the tolerance, so a solution exists.
+    """
+    num_layers = len(sizes)
+    variables = num_layers * len(widths)
+    # The objective counts bits, so its values are integers and HiGHS's absolute gap of 1e-6 cannot
+    # hide a smaller allocation.
+    objective = np.outer(sizes, widths).ravel()
+    one_per_layer = LinearConstraint(np.kron(np.eye(num_layers), np.ones(len(widths))), 1, 1)
+    # HiGHS accepts a MIP solution that violates a constraint by up to its mip_feasibility_tolerance,
+    # an absolute 1e-6 by default. Subtracting each layer's smallest cost and scaling by the largest
+    # remaining cost puts the cost row on a scale of 1, so that slack is small relative to the costs.
+    # A solution whose float64 total still exceeds the tolerance is then excluded by a cut that forbids
+    # exactly that combination, and the problem is solved again. The cuts never exclude the cheapest
+    # allocation, which meets the tolerance, so a solution remains.
+    offsets = costs.min(axis=1)
+    shifted = costs - offsets[:, None]
+    scale = shifted.max() or 1.0
+    cost_row = LinearConstraint((shifted / scale).ravel()[None, :], -np.inf, (tolerance - offsets.sum()) / scale)
+    cuts = []
+    for _ in range(_MAX_TOLERANCE_SOLVES):
+        constraints = [one_per_layer, cost_row]
+        if cuts:
+            constraints.append(LinearConstraint(np.array(cuts), -np.inf, num_layers - 1))
+        result = milp(objective, constraints=constraints, integrality=np.ones(variables), bounds=Bounds(0, 1),
+                      options={"mip_rel_gap": 0.0})
+        if result.status != 0 or result.x is None:
+            raise RuntimeError(f"allocation solver failed: {result.message}")
+        choice = result.x.reshape(num_layers, len(widths)).argmax(axis=1)
+        if _total_cost(costs, choice) <= tolerance:
+            return choice
+        cut = np.zeros(variables)
+        cut[np.arange(num_layers) * len(widths) + choice] = 1.0
+        cuts.append(cut)
+    raise RuntimeError(
+        f"allocation solver kept returning allocations whose predicted cost exceeds the tolerance {tolerance:g}, "
+        f"after {_MAX_TOLERANCE_SOLVES} solves"
+    )

@@ -177,3 +177,175 @@ def test_wide_cost_range_matches_brute_force():
             if sum(sizes[l] * widths[j] for l, j in enumerate(choice)) <= budget
         )
         assert allocation.predicted_cost == pytest.approx(best, rel=1e-9, abs=0)
+
+
+def brute_force_tolerance(costs, sizes, bit_widths, tolerance):
+    """Return (total bits, total cost) of the smallest allocation within the tolerance, cheapest among equals."""
+    best = None
+    for choice in itertools.product(range(len(bit_widths)), repeat=len(sizes)):
+        cost = float(costs[np.arange(len(sizes)), list(choice)].sum())
+        if cost <= tolerance:
+            key = (sum(sizes[layer] * bit_widths[j] for layer, j in enumerate(choice)), cost)
+            best = key if best is None or key < best else best
+    return best
+
+
+def total_bits(sizes, bit_widths):
+    return int(np.dot(sizes, bit_widths))
+
+
+@pytest.mark.parametrize("negative", [False, True])
+@pytest.mark.parametrize("seed", range(10))
+def test_tolerance_matches_brute_force(seed, negative):
+    costs, sizes = random_instance(seed, negative)
+    low = costs.min(axis=1).sum()
+    high = costs[:, 0].sum()
+    tolerance = float(np.random.default_rng(seed + 2000).uniform(low, high))
+
+    allocation = allocate_bits(costs, sizes, BIT_WIDTHS, tolerance=tolerance)
+
+    expected_bits, expected_cost = brute_force_tolerance(costs, sizes, BIT_WIDTHS, tolerance)
+    assert allocation.predicted_cost <= tolerance
+    assert total_bits(sizes, allocation.bit_widths) == expected_bits
+    assert allocation.predicted_cost == pytest.approx(expected_cost, rel=1e-9, abs=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_tolerance_at_allocation_cost(seed):
+    # A tolerance equal to the cost of some allocation leaves that allocation exactly on the boundary.
+    costs, sizes = random_instance(seed, negative=True)
+    rng = np.random.default_rng(seed + 3000)
+    choice = rng.integers(0, len(BIT_WIDTHS), size=len(sizes))
+    tolerance = float(costs[np.arange(len(sizes)), choice].sum())
+
+    allocation = allocate_bits(costs, sizes, BIT_WIDTHS, tolerance=tolerance)
+
+    expected_bits, expected_cost = brute_force_tolerance(costs, sizes, BIT_WIDTHS, tolerance)
+    assert allocation.predicted_cost <= tolerance
+    assert total_bits(sizes, allocation.bit_widths) == expected_bits
+    assert total_bits(sizes, allocation.bit_widths) <= total_bits(sizes, [BIT_WIDTHS[j] for j in choice])
+    assert allocation.predicted_cost == pytest.approx(expected_cost, rel=1e-9, abs=1e-12)
+
+
+def test_tolerance_wide_cost_range_matches_brute_force():
+    generator = np.random.default_rng(12)
+    for _ in range(10):
+        num_layers = 6
+        widths = [2, 4, 8]
+        sizes = generator.integers(1_000, 3_000_000, num_layers)
+        magnitude = 10.0 ** generator.uniform(-6, -1, num_layers)
+        costs = magnitude[:, None] * np.array([1.0, 0.05, 0.001])[None, :] * generator.uniform(0.5, 2.0, (num_layers, 3))
+        tolerance = float(costs[:, 2].sum() * 10.0 ** generator.uniform(0, 3))
+
+        allocation = allocate_bits(costs, sizes, widths, tolerance=tolerance)
+
+        expected_bits, expected_cost = brute_force_tolerance(costs, sizes, widths, tolerance)
+        assert allocation.predicted_cost <= tolerance
+        assert total_bits(sizes, allocation.bit_widths) == expected_bits
+        assert allocation.predicted_cost == pytest.approx(expected_cost, rel=1e-9, abs=0)
+
+
+def test_tolerance_prefers_cheaper_of_equal_sizes():
+    # (2, 4) and (4, 2) both use 60 bits; (4, 2) costs less.
+    costs = np.array([[1.0, 0.5, 0.0], [0.2, 0.1, 0.0]])
+
+    allocation = allocate_bits(costs, [10, 10], BIT_WIDTHS, tolerance=1.0)
+
+    assert allocation.bit_widths == [4, 2]
+    assert allocation.predicted_cost == 0.7
+
+
+def test_tolerance_zero_with_negative_costs():
+    costs, sizes = random_instance(7, negative=True)
+    # Shift every layer equally so the all-widest allocation is predicted to lower the loss by 1.
+    costs = costs - (costs[:, 2].sum() + 1.0) / len(sizes)
+
+    allocation = allocate_bits(costs, sizes, BIT_WIDTHS, tolerance=0)
+
+    expected_bits, expected_cost = brute_force_tolerance(costs, sizes, BIT_WIDTHS, 0.0)
+    assert allocation.predicted_cost <= 0
+    assert total_bits(sizes, allocation.bit_widths) == expected_bits
+    assert allocation.predicted_cost == pytest.approx(expected_cost, rel=1e-9, abs=1e-12)
+
+
+def test_tolerance_zero_reached_exactly():
+    # Only the widest width is predicted to cost nothing, so e = 0 forces it in every layer.
+    costs = np.array([[3.0, 1.0, 0.0], [2.0, 0.5, 0.0], [4.0, 0.1, 0.0]])
+
+    allocation = allocate_bits(costs, [100, 200, 300], BIT_WIDTHS, tolerance=0.0)
+
+    assert allocation.bit_widths == [8, 8, 8]
+    assert allocation.predicted_cost == 0.0
+
+
+def test_tolerance_above_narrowest_cost_picks_narrowest():
+    costs, sizes = random_instance(2, negative=False)
+
+    allocation = allocate_bits(costs, sizes, BIT_WIDTHS, tolerance=float(costs[:, 0].sum()))
+
+    assert allocation.bit_widths == [2, 2, 2, 2]
+
+
+def test_tolerance_infeasible_names_range():
+    costs = np.array([[3.0, 1.0, 0.5], [2.0, 0.5, 0.25]])
+
+    with pytest.raises(InfeasibleTargetError) as raised:
+        allocate_bits(costs, [10, 20], BIT_WIDTHS, tolerance=0.0)
+
+    message = str(raised.value)
+    assert "tolerance 0 is not reachable" in message
+    assert "from 0.75" in message
+    assert "to 5 " in message
+    assert "raise the tolerance to at least 0.75" in message
+
+
+@pytest.mark.parametrize("tolerance", [np.nan, np.inf, -np.inf, "0.1", True])
+def test_invalid_tolerance_raises(tolerance):
+    with pytest.raises(ValueError, match="invalid tolerance"):
+        allocate_bits(np.zeros((2, 3)), [10, 20], BIT_WIDTHS, tolerance=tolerance)
+
+
+def test_both_targets_raise():
+    with pytest.raises(ValueError, match="exactly one of target_ratio"):
+        allocate_bits(np.zeros((2, 3)), [10, 20], BIT_WIDTHS, 4.0, tolerance=0.0)
+
+
+def test_neither_target_raises():
+    with pytest.raises(ValueError, match="exactly one of target_ratio"):
+        allocate_bits(np.zeros((2, 3)), [10, 20], BIT_WIDTHS)
+
+
+def test_target_ratio_by_keyword():
+    costs, sizes = random_instance(1, negative=True)
+
+    assert allocate_bits(costs, sizes, BIT_WIDTHS, target_ratio=7.0) == allocate_bits(costs, sizes, BIT_WIDTHS, 7.0)
+
+
+def test_tolerance_violation_resolved(monkeypatch):
+    # The first solve is made to return the all-narrowest allocation, which is over the tolerance, as a
+    # solver within its feasibility tolerance could. The allocation must exclude it and solve again.
+    import cet.allocate
+
+    costs, sizes = random_instance(4, negative=False)
+    tolerance = float(costs[:, 1].sum())
+    real_milp = cet.allocate.milp
+    calls = []
+
+    def first_answer_over_tolerance(objective, **kwargs):
+        result = real_milp(objective, **kwargs)
+        if not calls:
+            narrowest = np.zeros((len(sizes), len(BIT_WIDTHS)))
+            narrowest[:, 0] = 1.0
+            result.x = narrowest.ravel()
+        calls.append(len(kwargs["constraints"]))
+        return result
+
+    monkeypatch.setattr(cet.allocate, "milp", first_answer_over_tolerance)
+
+    allocation = allocate_bits(costs, sizes, BIT_WIDTHS, tolerance=tolerance)
+
+    expected_bits, expected_cost = brute_force_tolerance(costs, sizes, BIT_WIDTHS, tolerance)
+    assert calls[1] == calls[0] + 1, "the second solve should carry one cut"
+    assert allocation.predicted_cost <= tolerance
+    assert total_bits(sizes, allocation.bit_widths) == expected_bits
+    assert allocation.predicted_cost == pytest.approx(expected_cost, rel=1e-9, abs=1e-12)

@@ -1,10 +1,14 @@
 """Tests of cet.quantize: properties of the symmetric per-channel quantizer over bit widths and shapes."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
 
-from cet.quantize import channel_axis, quantization_error, quantize_model, quantize_per_channel
+from cet.quantize import (
+    QuantizedTensor, apply_quantized, channel_axis, quantization_error, quantize_layers, quantize_model, quantize_per_channel,
+)
 
 BITS = list(range(2, 9))
 
@@ -200,3 +204,133 @@ def test_quantize_model_unknown_layer_raises():
 def test_channel_axis(module, expected):
     assert channel_axis(module) == expected
     assert module.weight.shape[channel_axis(module)] == (module.out_channels if hasattr(module, "out_channels") else module.out_features)
+
+
+def reference_quantize_model(model, bit_widths):
+    """Quantize a deep copy layer by layer, as quantize_model did before it was split in two."""
+    quantized = copy.deepcopy(model)
+    modules = dict(quantized.named_modules())
+    with torch.no_grad():
+        for name, bits in bit_widths.items():
+            module = modules[name]
+            module.weight.copy_(quantize_per_channel(module.weight, bits, channel_axis(module)).dequantize())
+    return quantized
+
+
+def test_quantize_model_matches_reference():
+    torch.manual_seed(1)
+    model = SmallNet()
+    bit_widths = {"conv": 3, "up": 5, "fc": 16}
+
+    quantized = quantize_model(model, bit_widths)
+
+    expected = reference_quantize_model(model, bit_widths)
+    for key, value in expected.state_dict().items():
+        assert torch.equal(quantized.state_dict()[key], value), key
+
+
+def test_quantize_model_is_apply_of_layers():
+    torch.manual_seed(2)
+    model = SmallNet()
+    bit_widths = {"conv": 2, "up": 8}
+
+    composed = apply_quantized(model, quantize_layers(model, bit_widths))
+
+    direct = quantize_model(model, bit_widths)
+    for key, value in direct.state_dict().items():
+        assert torch.equal(composed.state_dict()[key], value), key
+
+
+def test_quantize_layers_codes_and_axes():
+    torch.manual_seed(3)
+    model = SmallNet()
+
+    layers = quantize_layers(model, {"conv": 4, "up": 6})
+
+    assert set(layers) == {"conv", "up"}
+    assert layers["conv"].bits == 4
+    assert layers["up"].axis == 1
+    assert torch.equal(layers["up"].codes, quantize_per_channel(model.up.weight.detach(), 6, 1).codes)
+    assert not layers["conv"].codes.requires_grad
+
+
+def test_quantize_layers_rejects_bad_layers():
+    with pytest.raises(KeyError, match="missing"):
+        quantize_layers(SmallNet(), {"missing": 4})
+    with pytest.raises(TypeError, match="cannot be quantized"):
+        quantize_layers(nn.Sequential(nn.Linear(2, 2), nn.ReLU()), {"1": 4})
+
+
+def test_apply_quantized_accepts_other_rounding():
+    # Codes one step away from round-to-nearest, still on the grid, must be applied as given.
+    torch.manual_seed(4)
+    model = SmallNet()
+    nearest = quantize_layers(model, {"conv": 3})["conv"]
+    levels = 3
+    codes = torch.clamp(nearest.codes + torch.randint(-1, 2, nearest.codes.shape), -levels, levels)
+    other = QuantizedTensor(codes, nearest.scale, 3, 0)
+
+    applied = apply_quantized(model, {"conv": other})
+
+    assert not torch.equal(codes, nearest.codes)
+    assert torch.equal(applied.conv.weight.detach(), codes.float() * nearest.scale)
+    assert torch.equal(applied.fc.weight.detach(), model.fc.weight.detach())
+
+
+def apply_with(model, name, **changes):
+    q = quantize_layers(model, {name: 4})[name]
+    fields = {"codes": q.codes, "scale": q.scale, "bits": q.bits, "axis": q.axis, **changes}
+    return apply_quantized(model, {name: QuantizedTensor(**fields)})
+
+
+def test_apply_quantized_rejects_out_of_range_codes():
+    model = SmallNet()
+    codes = quantize_layers(model, {"conv": 4})["conv"].codes.clone()
+    codes[0, 0, 0, 0] = 8
+
+    with pytest.raises(ValueError, match=r"outside \[-7, 7\]"):
+        apply_with(model, "conv", codes=codes)
+
+
+def test_apply_quantized_rejects_wrong_shape():
+    with pytest.raises(ValueError, match="do not match layer 'conv'"):
+        apply_with(SmallNet(), "conv", codes=torch.zeros(3, 1, 2, 2, dtype=torch.int32))
+
+
+def test_apply_quantized_rejects_float_codes():
+    model = SmallNet()
+    codes = quantize_layers(model, {"conv": 4})["conv"].codes.float()
+
+    with pytest.raises(ValueError, match="integer dtype"):
+        apply_with(model, "conv", codes=codes)
+
+
+def test_apply_quantized_rejects_flat_scale():
+    model = SmallNet()
+    scale = quantize_layers(model, {"conv": 4})["conv"].scale.reshape(-1)
+
+    with pytest.raises(ValueError, match="one scale per channel"):
+        apply_with(model, "conv", scale=scale)
+
+
+@pytest.mark.parametrize("scale_value", [0.0, -1.0, float("nan")])
+def test_apply_quantized_rejects_bad_scale(scale_value):
+    model = SmallNet()
+    scale = quantize_layers(model, {"conv": 4})["conv"].scale.clone()
+    scale[1] = scale_value
+
+    with pytest.raises(ValueError, match="finite and positive"):
+        apply_with(model, "conv", scale=scale)
+
+
+def test_apply_quantized_rejects_bad_bits():
+    with pytest.raises(ValueError, match="invalid bit width 17 for layer 'conv'"):
+        apply_with(SmallNet(), "conv", bits=17)
+
+
+def test_apply_quantized_rejects_unknown_layer():
+    model = SmallNet()
+    q = quantize_layers(model, {"conv": 4})["conv"]
+
+    with pytest.raises(KeyError, match="missing"):
+        apply_quantized(model, {"missing": q})
