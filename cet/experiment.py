@@ -16,12 +16,12 @@ from tqdm import tqdm
 from .allocate import FLOAT_BITS, allocate_bits, compression_ratio
 from .analysis import LayerAnalysis
 from .costs import CostTable, cost_table
-from .quantize import QuantizedTensor, channel_axis, quantize_model
+from .quantize import QuantizedTensor, apply_quantized, channel_axis, quantize_layers, quantize_model
 from .rounding import major_axis_round
 from .training import evaluate
 
 __all__ = [
-    "RoundingRecord", "Run", "calibration_loss", "model_compression_ratio", "pareto_front", "quantize_with_codes",
+    "RoundingRecord", "Run", "calibration_loss", "layer_codes", "model_compression_ratio", "pareto_front", "quantize_with_codes",
     "round_layers", "run_allocations", "run_study", "run_uniform",
 ]
 
@@ -208,19 +208,22 @@ def pareto_front(table: CostTable, sizes: Sequence[int], ratios: Sequence[float]
     return front
 
 
+def layer_codes(
+    model: nn.Module, bit_widths: dict[str, int], rounded: dict[tuple[str, int], QuantizedTensor] | None = None
+) -> dict[str, QuantizedTensor]:
+    """Return each listed layer's codes: from ``rounded`` where it has (layer, bits), else round-to-nearest."""
+    codes = quantize_layers(model, bit_widths)
+    for name, bits in bit_widths.items():
+        if rounded and (name, bits) in rounded:
+            codes[name] = rounded[(name, bits)]
+    return codes
+
+
 def quantize_with_codes(
     model: nn.Module, bit_widths: dict[str, int], rounded: dict[tuple[str, int], QuantizedTensor] | None = None
 ) -> nn.Module:
-    """Return a quantized copy of ``model``: round-to-nearest, except where ``rounded`` has codes for (layer, bits)."""
-    quantized = quantize_model(model, bit_widths)
-    if rounded:
-        modules = dict(quantized.named_modules())
-        with torch.no_grad():
-            for name, bits in bit_widths.items():
-                if (name, bits) in rounded:
-                    weight = modules[name].weight
-                    weight.copy_(rounded[(name, bits)].dequantize().to(weight.device, weight.dtype))
-    return quantized
+    """Return a quantized copy of ``model`` with :func:`layer_codes`' codes."""
+    return apply_quantized(model, layer_codes(model, bit_widths, rounded))
 
 
 def run_study(

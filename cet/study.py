@@ -23,7 +23,7 @@ from .hessian import TraceEstimate
 from .io import save_atomic
 from .training import cache_dir
 
-__all__ = ["analysis_cache_path", "analyze_or_load"]
+__all__ = ["analysis_cache_path", "analyze_or_load", "is_analysis_cached"]
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +36,22 @@ def analysis_cache_path(model_key: str, settings: dict) -> Path:
     text = json.dumps({"version": _CACHE_VERSION, "model": model_key, **settings}, sort_keys=True)
     digest = hashlib.sha256(text.encode()).hexdigest()[:16]
     return cache_dir() / "analyses" / f"{model_key}-{digest}.pt"
+
+
+def _key_settings(calibration: TensorDataset, calibration_seed: int, device: str | torch.device, settings: dict) -> dict:
+    return {
+        "calibration_size": len(calibration),
+        "calibration_seed": calibration_seed,
+        "device_type": torch.device(device).type,
+        **settings,
+    }
+
+
+def is_analysis_cached(
+    model_key: str, calibration: TensorDataset, calibration_seed: int, device: str | torch.device = "cpu", **settings
+) -> bool:
+    """Return whether :func:`analyze_or_load` with these arguments finds a cached file (it may still be unreadable)."""
+    return analysis_cache_path(model_key, _key_settings(calibration, calibration_seed, device, settings)).exists()
 
 
 def _to_state(analysis: LayerAnalysis) -> dict:
@@ -88,12 +104,7 @@ def analyze_or_load(
             (all layers are analysed).
         recompute: analyse again and replace the cached file.
     """
-    key_settings = {
-        "calibration_size": len(calibration),
-        "calibration_seed": calibration_seed,
-        "device_type": torch.device(device).type,
-        **settings,
-    }
+    key_settings = _key_settings(calibration, calibration_seed, device, settings)
     path = analysis_cache_path(model_key, key_settings)
     if path.exists() and not recompute:
         try:
