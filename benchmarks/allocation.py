@@ -2,10 +2,10 @@
 
 Usage: python benchmarks/allocation.py [--quick] [--device cpu|cuda]
 
-Each figure is printed next to an anchor measured in the same run: the rounding next to
-round-to-nearest of the same layers and widths, the cost tables next to one Hessian analysis of the
-same layers (0 s when the analysis is cached), and the integer program next to the number of
-allocations it chooses among. --quick analyses 64 calibration images with 4 Lanczos steps instead of
+Each figure is printed next to an anchor measured in the same run. The rounding is compared with
+round-to-nearest of the same layers and widths. The cost tables are compared with one Hessian
+analysis of the same layers, which takes no time when it is cached. The integer program is shown
+with the number of allocations it chooses among. --quick analyses 64 calibration images with 4 Lanczos steps instead of
 256 with 16, so it finishes in a few minutes on a CPU; the timings of rounding and solving barely
 depend on that, but the analysis does.
 """
