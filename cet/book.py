@@ -48,6 +48,9 @@ SMOKE_PARAMETERS = {
     "resnet34": {**_SMOKE_TRAINING, **_SMOKE_HESSIAN, "trace_probes": 2, "evaluation_size": 500},
     "verification": {**_SMOKE_TRAINING, **_SMOKE_HESSIAN, "trace_probes": 2,
                      "direction_layers": ["conv1", "fc"], "direction_seeds": [0, 1]},
+    "allocation": {**_SMOKE_TRAINING, **_SMOKE_HESSIAN, "trace_probes": 2, "calibration_seeds": [0, 1],
+                   "gradient_chunks": 4, "target_ratios": [8.0, 11.0, 16.0], "pareto_ratios": [4.0, 8.0, 16.0],
+                   "uniform_bits": [4], "evaluation_size": 500},
 }
 
 

@@ -6,18 +6,24 @@ import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 from tqdm import tqdm
 
 from .allocate import FLOAT_BITS, allocate_bits, compression_ratio
 from .analysis import LayerAnalysis
-from .costs import cost_table
-from .quantize import channel_axis, quantize_model
+from .costs import CostTable, cost_table
+from .quantize import QuantizedTensor, apply_quantized, channel_axis, quantize_layers, quantize_model
+from .rounding import major_axis_round
 from .training import evaluate
 
-__all__ = ["Run", "model_compression_ratio", "run_allocations", "run_uniform"]
+__all__ = [
+    "RoundingRecord", "Run", "calibration_loss", "layer_codes", "model_compression_ratio", "pareto_front", "quantize_with_codes",
+    "round_layers", "run_allocations", "run_study", "run_uniform",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +39,8 @@ class Run:
     accuracy: float                  # percent, on the evaluation set
     predicted_cost: float | None     # the method's summed cost table entries; None for uniform
     bit_widths: dict[str, int]
+    seed: int | None = None          # calibration seed of the analysis behind the allocation
+    predicted_standard_error: float | None = None  # of predicted_cost, adding the entries' variances
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -110,3 +118,150 @@ def run_uniform(
         _measure(f"uniform-{bits}bit", None, model, list(names), [bits] * len(names), None, evaluation, device)
         for bits in bit_widths
     ]
+
+
+@dataclass
+class RoundingRecord:
+    """Major-axis rounding against round-to-nearest for one layer at one bit width."""
+
+    layer: str
+    bits: int
+    nearest_surrogate: float          # predicted loss change of round-to-nearest
+    major_surrogate: float            # predicted loss change of major-axis rounding
+    nearest_calibration_loss: float   # measured, with only this layer quantized
+    major_calibration_loss: float
+    accepted: bool                    # both no worse than round-to-nearest
+    moved_weights: int
+
+
+@torch.no_grad()
+def calibration_loss(model: nn.Module, calibration: TensorDataset, batch_size: int = 256,
+                     device: str | torch.device = "cpu") -> float:
+    """Return the mean cross-entropy of ``model`` (in eval mode) on ``calibration``."""
+    was_training = model.training
+    model.eval()
+    images, labels = calibration.tensors
+    total = 0.0
+    for start in range(0, len(labels), batch_size):
+        logits = model(images[start:start + batch_size].to(device))
+        total += F.cross_entropy(logits, labels[start:start + batch_size].to(device), reduction="sum").item()
+    model.train(was_training)
+    return total / len(labels)
+
+
+@torch.no_grad()
+def round_layers(
+    model: nn.Module,
+    analyses: dict[str, LayerAnalysis],
+    bit_widths: Sequence[int],
+    calibration: TensorDataset,
+    device: str | torch.device = "cpu",
+) -> tuple[dict[tuple[str, int], QuantizedTensor], list[RoundingRecord]]:
+    """Round every analysed layer at every bit width along the major axes, and keep what is accepted.
+
+    A rounding is accepted only when both its surrogate cost and the measured calibration loss (with
+    that layer alone quantized) are no worse than round-to-nearest's. Returns the accepted codes, keyed
+    by (layer, bits), and a record of every comparison.
+    """
+    modules = dict(model.named_modules())
+    accepted: dict[tuple[str, int], QuantizedTensor] = {}
+    records = []
+    for name in tqdm(analyses, desc="major-axis rounding", unit="layer"):
+        module = modules[name]
+        original = module.weight.detach().clone()
+
+        def loss_with(codes: QuantizedTensor) -> float:
+            module.weight.copy_(codes.dequantize().to(original.device, original.dtype))
+            return calibration_loss(model, calibration, device=device)
+
+        try:
+            for bits in bit_widths:
+                result = major_axis_round(original.cpu(), bits, channel_axis(module), analyses[name].surrogate)
+                nearest_loss = loss_with(result.nearest)
+                major_loss = loss_with(result.quantized) if result.moved_weights else nearest_loss
+                ok = (result.moved_weights > 0 and result.surrogate_cost <= result.nearest_surrogate_cost
+                      and major_loss <= nearest_loss)
+                if ok:
+                    accepted[(name, bits)] = result.quantized
+                records.append(RoundingRecord(name, bits, result.nearest_surrogate_cost, result.surrogate_cost,
+                                              nearest_loss, major_loss, ok, result.moved_weights))
+        finally:
+            module.weight.copy_(original)
+    return accepted, records
+
+
+def pareto_front(table: CostTable, sizes: Sequence[int], ratios: Sequence[float]) -> list[dict]:
+    """Allocate at every ratio and return each point: target, achieved ratio, predicted cost and bits."""
+    front = []
+    for target in ratios:
+        allocation = allocate_bits(table.costs, sizes, table.bit_widths, float(target))
+        chosen = [table.bit_widths.index(b) for b in allocation.bit_widths]
+        rows = np.arange(len(chosen))
+        front.append({
+            "method": table.method,
+            "target_ratio": float(target),
+            "weight_compression_ratio": allocation.weight_compression_ratio,
+            "predicted_cost": allocation.predicted_cost,
+            "predicted_standard_error": float(np.sqrt(np.square(table.standard_errors[rows, chosen]).sum())),
+            "bit_widths": dict(zip(table.layers, allocation.bit_widths)),
+        })
+    return front
+
+
+def layer_codes(
+    model: nn.Module, bit_widths: dict[str, int], rounded: dict[tuple[str, int], QuantizedTensor] | None = None
+) -> dict[str, QuantizedTensor]:
+    """Return each listed layer's codes: from ``rounded`` where it has (layer, bits), else round-to-nearest."""
+    codes = quantize_layers(model, bit_widths)
+    for name, bits in bit_widths.items():
+        if rounded and (name, bits) in rounded:
+            codes[name] = rounded[(name, bits)]
+    return codes
+
+
+def quantize_with_codes(
+    model: nn.Module, bit_widths: dict[str, int], rounded: dict[tuple[str, int], QuantizedTensor] | None = None
+) -> nn.Module:
+    """Return a quantized copy of ``model`` with :func:`layer_codes`' codes."""
+    return apply_quantized(model, layer_codes(model, bit_widths, rounded))
+
+
+def run_study(
+    model: nn.Module,
+    tables: dict[str, CostTable],
+    target_ratios: Sequence[float],
+    evaluation: TensorDataset,
+    seed: int,
+    rounded: dict[tuple[str, int], QuantizedTensor] | None = None,
+    device: str | torch.device = "cpu",
+) -> list[Run]:
+    """Allocate with every method's table at every target, quantize and measure accuracy.
+
+    Only the ``cet`` method uses the major-axis codes in ``rounded``. Allocations that quantize the
+    model identically are evaluated once.
+    """
+    modules = dict(model.named_modules())
+    measured: dict[tuple, float] = {}
+    runs = []
+    for method, table in tables.items():
+        sizes = [modules[n].weight.numel() for n in table.layers]
+        codes = rounded if method == "cet" else None
+        for point in tqdm(pareto_front(table, sizes, target_ratios), desc=f"{method} (seed {seed})", unit="target"):
+            bit_widths = point["bit_widths"]
+            uses_rounding = codes is not None and any((n, b) in codes for n, b in bit_widths.items())
+            key = (uses_rounding, tuple(bit_widths.values()))
+            if key not in measured:
+                measured[key] = evaluate(quantize_with_codes(model, bit_widths, codes), evaluation, device=device)
+            runs.append(Run(
+                method=method,
+                target_ratio=point["target_ratio"],
+                weight_compression_ratio=point["weight_compression_ratio"],
+                model_compression_ratio=model_compression_ratio(model, bit_widths),
+                accuracy=measured[key],
+                predicted_cost=point["predicted_cost"],
+                bit_widths=bit_widths,
+                seed=seed,
+                predicted_standard_error=point["predicted_standard_error"],
+            ))
+            logger.info("%s seed %d at %gx: accuracy %.2f%%", method, seed, point["target_ratio"], measured[key])
+    return runs

@@ -15,7 +15,7 @@ from cet.models import fashion_resnet34, quantizable_layers
 
 def test_toc_lists_every_chapter():
     names = [notebook.stem for notebook in chapters()]
-    assert names == ["theory", "resnet34", "verification"]
+    assert names == ["theory", "resnet34", "verification", "allocation"]
 
 
 @pytest.mark.parametrize("notebook", sorted((ROOT / "book").glob("*.ipynb")), ids=lambda p: p.name)
@@ -151,3 +151,46 @@ def test_verification_results_complete(tmp_path, smoke_cache):
             assert math.isfinite(row[kind]), (row["layer"], kind)
     assert -1.0 <= results["spearman_predicted_vs_measured"] <= 1.0
     assert -1.0 <= results["spearman_hawq_v2_vs_measured"] <= 1.0
+
+
+@pytest.fixture(scope="module")
+def allocation_results(tmp_path_factory, smoke_cache):
+    directory = tmp_path_factory.mktemp("allocation")
+    parameters = dict(SMOKE_PARAMETERS["allocation"])
+    parameters["export_path"] = str(directory / "model.pt")
+    parameters["results_path"] = str(directory / "allocation.json")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CET_CACHE", str(smoke_cache))
+        execute_chapter(ROOT / "book" / "allocation.ipynb", directory / "allocation.ipynb", parameters)
+    return parameters, json.loads((directory / "allocation.json").read_text())
+
+
+@pytest.mark.slow
+def test_allocation_curves_complete(allocation_results):
+    parameters, results = allocation_results
+    assert 0.0 <= results["fp32_accuracy"] <= 100.0
+    methods = ["cet", "cet-rtn", "hawq-v1", "hawq-v2", "first-order"]
+    expected = {(m, s, t) for m in methods for s in parameters["calibration_seeds"] for t in parameters["target_ratios"]}
+    found = {(c["method"], c["seed"], c["target_ratio"]) for c in results["curves"]}
+    assert found == expected
+    for curve in results["curves"]:
+        assert curve["weight_compression_ratio"] >= curve["target_ratio"] * (1 - 1e-9), curve
+        assert 0.0 <= curve["accuracy"] <= 100.0, curve
+
+
+@pytest.mark.slow
+def test_allocation_rounding_checked(allocation_results):
+    _, results = allocation_results
+    assert results["rounding"], "no rounding records"
+    for record in results["rounding"]:
+        if record["accepted"]:
+            assert record["major_surrogate"] <= record["nearest_surrogate"], record
+            assert record["major_calibration_loss"] <= record["nearest_calibration_loss"], record
+
+
+@pytest.mark.slow
+def test_allocation_export_smaller_than_fp32(allocation_results):
+    _, results = allocation_results
+    export = results["export"]
+    assert export["file_bytes"] < export["fp32_state_dict_bytes"]
+    assert 0.0 <= export["accuracy"] <= 100.0

@@ -1,0 +1,126 @@
+"""Hessian analyses cached on disk, so that chapters sharing a model and settings analyse it once.
+
+The analysis of all layers of the book's ResNet-34 takes minutes on a CPU, and several chapters need
+the same one (the allocation study reuses the calibration seeds of the ResNet-34 chapter). The cache
+lives beside the checkpoints, under :func:`cet.training.cache_dir`, keyed by the checkpoint file, the
+analysis settings, the device type and a format version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from .analysis import LayerAnalysis, analyze_layers
+from .geometry import LowRankSurrogate
+from .hessian import TraceEstimate
+from .io import save_atomic
+from .training import cache_dir
+
+__all__ = ["analysis_cache_path", "analyze_or_load", "is_analysis_cached"]
+
+logger = logging.getLogger(__name__)
+
+# Bump when analyze_layers or the stored fields change, so that old analyses are not reused.
+_CACHE_VERSION = 1
+
+
+def analysis_cache_path(model_key: str, settings: dict) -> Path:
+    """Return where the analysis of the model ``model_key`` with ``settings`` is cached."""
+    text = json.dumps({"version": _CACHE_VERSION, "model": model_key, **settings}, sort_keys=True)
+    digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+    return cache_dir() / "analyses" / f"{model_key}-{digest}.pt"
+
+
+def _key_settings(calibration: TensorDataset, calibration_seed: int, device: str | torch.device, settings: dict) -> dict:
+    return {
+        "calibration_size": len(calibration),
+        "calibration_seed": calibration_seed,
+        "device_type": torch.device(device).type,
+        **settings,
+    }
+
+
+def is_analysis_cached(
+    model_key: str, calibration: TensorDataset, calibration_seed: int, device: str | torch.device = "cpu", **settings
+) -> bool:
+    """Return whether :func:`analyze_or_load` with these arguments finds a cached file (it may still be unreadable)."""
+    return analysis_cache_path(model_key, _key_settings(calibration, calibration_seed, device, settings)).exists()
+
+
+def _to_state(analysis: LayerAnalysis) -> dict:
+    return {
+        "name": analysis.name,
+        "num_weights": analysis.num_weights,
+        "ritz_values": analysis.ritz_values,
+        "ritz_residuals": analysis.ritz_residuals,
+        "trace": [analysis.trace.mean, analysis.trace.standard_error, analysis.trace.num_probes],
+        "eigenvalues": analysis.surrogate.eigenvalues,
+        "eigenvectors": analysis.surrogate.eigenvectors,
+        "rho": analysis.surrogate.rho,
+        "quadric": analysis.quadric,
+        "zero_eigenvalues_at_least": analysis.zero_eigenvalues_at_least,
+    }
+
+
+def _from_state(state: dict) -> LayerAnalysis:
+    mean, standard_error, probes = state["trace"]
+    return LayerAnalysis(
+        name=state["name"],
+        num_weights=int(state["num_weights"]),
+        ritz_values=state["ritz_values"],
+        ritz_residuals=state["ritz_residuals"],
+        trace=TraceEstimate(float(mean), float(standard_error), int(probes)),
+        surrogate=LowRankSurrogate(state["eigenvalues"], state["eigenvectors"], float(state["rho"])),
+        quadric=state["quadric"],
+        zero_eigenvalues_at_least=int(state["zero_eigenvalues_at_least"]),
+    )
+
+
+def analyze_or_load(
+    model: nn.Module,
+    model_key: str,
+    calibration: TensorDataset,
+    calibration_seed: int,
+    device: str | torch.device = "cpu",
+    recompute: bool = False,
+    **settings,
+) -> dict[str, LayerAnalysis]:
+    """Return the cached analysis of ``model`` with these settings, or run :func:`analyze_layers` and cache it.
+
+    Args:
+        model: the network, already on ``device``.
+        model_key: names the model's weights, such as its checkpoint file's stem. Two models with the
+            same key must have the same weights, or the cache returns the wrong analysis.
+        calibration: the calibration set; its size is part of the key, its draw is fixed by ``calibration_seed``.
+        calibration_seed: the seed that drew ``calibration``; it also seeds the Lanczos starts.
+        settings: keyword arguments of :func:`analyze_layers` other than ``seed``, ``device`` and ``layers``
+            (all layers are analysed).
+        recompute: analyse again and replace the cached file.
+    """
+    key_settings = _key_settings(calibration, calibration_seed, device, settings)
+    path = analysis_cache_path(model_key, key_settings)
+    if path.exists() and not recompute:
+        try:
+            stored = torch.load(path, map_location="cpu", weights_only=True)
+            if stored.get("settings") != key_settings or stored.get("model") != model_key:
+                raise ValueError("settings differ")
+            analyses = {state["name"]: _from_state(state) for state in stored["layers"]}
+        except Exception as error:  # any unreadable cache entry is recomputed, never trusted
+            logger.warning("Ignoring unreadable cached analysis %s (%s); analysing again", path, error)
+        else:
+            logger.info("Loaded cached analysis %s", path)
+            return analyses
+
+    analyses = analyze_layers(model, calibration, seed=calibration_seed, device=device, **settings)
+    save_atomic(
+        {"model": model_key, "settings": key_settings, "layers": [_to_state(a) for a in analyses.values()]}, path
+    )
+    logger.info("Saved the analysis to %s", path)
+    return analyses

@@ -1,0 +1,77 @@
+"""The analysis cache: hits return the stored analysis, and unreadable or foreign files are not trusted."""
+
+import logging
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from cet import study
+from cet.study import analysis_cache_path, analyze_or_load, is_analysis_cached
+
+SETTINGS = {"batch_size": 8, "lanczos_steps": 4, "top_k": 2, "trace_probes": 2}
+
+
+@pytest.fixture
+def setup(tmp_path, monkeypatch):
+    monkeypatch.setenv("CET_CACHE", str(tmp_path))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(12, 3)).eval()
+    calibration = TensorDataset(torch.randn(16, 1, 4, 4), torch.randint(0, 3, (16,)))
+    return model, calibration
+
+
+def _assert_same(first, second):
+    assert list(first) == list(second)
+    for name in first:
+        a, b = first[name], second[name]
+        assert torch.equal(a.ritz_values, b.ritz_values), name
+        assert torch.equal(a.surrogate.eigenvectors, b.surrogate.eigenvectors), name
+        assert a.surrogate.rho == b.surrogate.rho, name
+        assert a.trace == b.trace, name
+        assert a.quadric == b.quadric, name
+
+
+def test_cache_hit_returns_stored_analysis(setup, monkeypatch):
+    model, calibration = setup
+    assert not is_analysis_cached("m", calibration, 0, **SETTINGS)
+    first = analyze_or_load(model, "m", calibration, 0, **SETTINGS)
+    assert is_analysis_cached("m", calibration, 0, **SETTINGS)
+
+    def fail(*args, **kwargs):
+        raise AssertionError("analyze_layers ran on a cache hit")
+
+    monkeypatch.setattr(study, "analyze_layers", fail)
+    _assert_same(first, analyze_or_load(model, "m", calibration, 0, **SETTINGS))
+
+
+def test_cache_keyed_by_settings(setup):
+    model, calibration = setup
+    analyze_or_load(model, "m", calibration, 0, **SETTINGS)
+    assert not is_analysis_cached("m", calibration, 1, **SETTINGS)
+    assert not is_analysis_cached("other", calibration, 0, **SETTINGS)
+    assert not is_analysis_cached("m", calibration, 0, **{**SETTINGS, "lanczos_steps": 5})
+
+
+def test_unreadable_cache_recomputed(setup, caplog):
+    model, calibration = setup
+    first = analyze_or_load(model, "m", calibration, 0, **SETTINGS)
+    path = next((analysis_cache_path("m", {}).parent).glob("*.pt"))
+    path.write_bytes(b"not a torch file")
+    with caplog.at_level(logging.WARNING, logger="cet.study"):
+        again = analyze_or_load(model, "m", calibration, 0, **SETTINGS)
+    assert "Ignoring unreadable cached analysis" in caplog.text
+    _assert_same(first, again)
+    # The recomputed analysis replaced the broken file.
+    torch.load(path, weights_only=True)
+
+
+def test_recompute_replaces_cache(setup, monkeypatch):
+    model, calibration = setup
+    analyze_or_load(model, "m", calibration, 0, **SETTINGS)
+    calls = []
+    original = study.analyze_layers
+    monkeypatch.setattr(study, "analyze_layers", lambda *a, **k: calls.append(1) or original(*a, **k))
+    analyze_or_load(model, "m", calibration, 0, recompute=True, **SETTINGS)
+    assert calls == [1]
