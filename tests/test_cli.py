@@ -102,7 +102,8 @@ def test_pipeline_on_user_model(capsys, tmp_path, cifar):
     first = analysis["layers"][0]
     assert first["num_weights"] == 4 * 3 * 9
     assert len(first["ritz_values"]) == 4
-    assert len(first["costs"]["cet"]) == 3
+    assert len(first["costs"]["cet-rtn"]) == 3
+    assert len(first["cost_standard_errors"]["hawq-v2"]) == 3
     assert first["trace_standard_error"] >= 0
 
     plan_path = tmp_path / "plan.json"
@@ -130,6 +131,13 @@ def test_pipeline_on_user_model(capsys, tmp_path, cifar):
         accuracies[tuple(map(str, variant[:1]))] = result["accuracy"]
     # The packed file contains exactly the simulated weights, so both give the same predictions.
     assert accuracies[("--packed",)] == accuracies[("--plan",)]
+
+
+def test_cli_methods_match_steps():
+    from cet.cli import COST_METHODS as parser_methods
+    from cet.cli.steps import COST_METHODS
+
+    assert parser_methods == COST_METHODS
 
 
 def test_allocate_for_tolerance(capsys, tmp_path, cifar):

@@ -31,6 +31,8 @@ EXIT_CODES = {
 }
 
 DEFAULT_BITS = "2,3,4,5,6,8"
+# The step modules import torch; the parser needs only these names.
+COST_METHODS = ("cet-rtn", "hawq-v1", "hawq-v2")
 
 _DESCRIPTION = """\
 Compress a neural network with Compression Error Theory (CET) in four steps:
@@ -124,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
         "analyze", parents=[common, model], formatter_class=formatter, epilog=_exit_code_text(),
         help="estimate each layer's Hessian information and bit-width costs; write the analysis JSON",
         description="Draw a calibration set, run Lanczos and Hutchinson on every quantizable layer's Hessian "
-                    "block, and price each bit width with the cet and hawq-v2 cost models.",
+                    "block, and price each bit width with the cet-rtn, hawq-v1 and hawq-v2 cost models.",
     )
     _data_option(analyze, required=True)
     analyze.add_argument("--calibration-size", type=_positive_int, default=256,
@@ -149,7 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
                            help="weight-compression ratio against float32 to reach at least, e.g. 8")
     criterion.add_argument("--tolerance", type=float,
                            help="maximum summed predicted loss change (in the units of the cross-entropy loss)")
-    allocate.add_argument("--method", choices=("cet", "hawq-v2"), default="cet", help="cost model (default: cet)")
+    allocate.add_argument("--method", choices=COST_METHODS, default="cet-rtn",
+                          help="cost model: cet-rtn (CET's surrogate, round-to-nearest errors), hawq-v1 (top "
+                               "eigenvalue) or hawq-v2 (average trace) (default: cet-rtn)")
     allocate.add_argument("--bits", type=_bit_widths,
                           help="candidate bit widths, a subset of the analysed ones (default: all analysed)")
     allocate.add_argument("-o", "--output", required=True, help="the plan JSON to write")
