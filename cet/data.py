@@ -408,7 +408,7 @@ def load_data_source(spec: str, image_size: int = 224) -> DataSource:
 
     Raises:
         ValueError: the specification names no known data set, or lacks its directory.
-        DataNotFoundError: the data are not where the specification says.
+        DataNotFoundError: the data are not where the specification points.
     """
     kind, _, location = spec.partition(":")
     if kind == "fashion-mnist":

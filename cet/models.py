@@ -122,9 +122,9 @@ def check_finite_weights(model: nn.Module, source: str) -> None:
         if tensor.is_floating_point() and not torch.isfinite(tensor).all()
     ]
     if bad:
-        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        listed = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
         raise WeightsError(
-            f"the weights from {source} contain NaN or infinity in {shown}; the model cannot be analysed "
+            f"the weights from {source} contain NaN or infinity in {listed}; the model cannot be analysed "
             "or quantized. Use a checkpoint saved before training diverged"
         )
 
@@ -132,14 +132,14 @@ def check_finite_weights(model: nn.Module, source: str) -> None:
 def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a state dict from a file saved with ``torch.save``.
 
-    The file holds either the state dict itself or a checkpoint dictionary with the state dict under
+    The file contains either the state dict itself or a checkpoint dictionary with the state dict under
     ``state_dict``, ``model_state_dict`` or ``model``. A ``module.`` prefix on every key, left by
     ``DataParallel`` or ``DistributedDataParallel``, is stripped. The file is loaded with
     ``weights_only=True``, so it cannot run code.
 
     Raises:
         FileNotFoundError: the file does not exist.
-        WeightsError: the file is unreadable or holds no state dict.
+        WeightsError: the file is unreadable or contains no state dict.
     """
     path = Path(path)
     if not path.is_file():
@@ -156,7 +156,7 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
                 break
     if not isinstance(state, Mapping) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise WeightsError(
-            f"weights file {path} holds no state dict: expected a dictionary of tensors, or a checkpoint with one "
+            f"weights file {path} contains no state dict: expected a dictionary of tensors, or a checkpoint with one "
             "under 'state_dict', 'model_state_dict' or 'model'; save it with torch.save(model.state_dict(), path)"
         )
     state = dict(state)
@@ -171,6 +171,15 @@ def _output_layer(model: nn.Module) -> tuple[str, nn.Module] | None:
     return linear[-1] if linear else None
 
 
+def _list_keys(keys: list[str], limit: int = 10) -> str:
+    if not keys:
+        return "none"
+    listed = ", ".join(keys[:limit])
+    if len(keys) > limit:
+        listed += f" and {len(keys) - limit} more"
+    return listed
+
+
 def load_weights(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> nn.Module:
     """Load ``state`` into ``model`` strictly; a partial load or a shape mismatch raises with the details.
 
@@ -182,11 +191,9 @@ def load_weights(model: nn.Module, state: Mapping[str, torch.Tensor], source: st
     missing = [key for key in expected if key not in state]
     unexpected = [key for key in state if key not in expected]
     if missing or unexpected:
-        def listing(keys):
-            return ", ".join(keys[:10]) + (f" and {len(keys) - 10} more" if len(keys) > 10 else "") if keys else "none"
         raise WeightsError(
             f"the weights from {source} do not fit the model ({type(model).__name__}): "
-            f"missing keys: {listing(missing)}; unexpected keys: {listing(unexpected)}. "
+            f"missing keys: {_list_keys(missing)}; unexpected keys: {_list_keys(unexpected)}. "
             "A partial load is not allowed: check that the architecture matches the weights"
         )
     mismatched = [key for key in expected if state[key].shape != expected[key].shape]
@@ -214,7 +221,7 @@ def load_torchvision_model(architecture: str, weights_path: str | os.PathLike, n
 
     Args:
         architecture: a name of ``torchvision.models.list_models()``, e.g. ``resnet34``.
-        weights_path: a state dict (or a checkpoint holding one) saved with ``torch.save``; the files
+        weights_path: a state dict (or a checkpoint containing one) saved with ``torch.save``; the files
             that torchvision downloads, such as ``resnet34-b627a593.pth``, are state dicts.
         num_classes: the size of the output layer.
 

@@ -223,7 +223,7 @@ def test_unknown_architecture_named(tmp_path):
 
 def test_weights_file_without_state_dict(tmp_path):
     torch.save([1, 2, 3], tmp_path / "w.pt")
-    with pytest.raises(WeightsError, match="holds no state dict"):
+    with pytest.raises(WeightsError, match="contains no state dict"):
         load_state_dict_file(tmp_path / "w.pt")
 
 

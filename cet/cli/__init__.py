@@ -84,7 +84,9 @@ def _common_options() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N (default: auto)")
     common.add_argument("--seed", type=int, default=0, help="seed of the calibration draw and the random probes (default: 0)")
-    common.add_argument("--quiet", action="store_true", help="no progress bars, warnings or summaries; errors still go to stderr")
+    common.add_argument("--quiet", action="store_true",
+                        help="no progress bars, warnings or summaries (evaluate still prints the accuracy); "
+                             "errors still go to stderr")
     return common
 
 
@@ -98,7 +100,6 @@ def _model_options() -> argparse.ArgumentParser:
     model.add_argument("--weights", help="a state dict file, or a checkpoint containing one under 'state_dict' or 'model'")
     model.add_argument("--num-classes", type=_positive_int, default=1000,
                        help="output classes of a torchvision architecture (default: 1000, ImageNet)")
-    model.add_argument("--batch-size", type=_positive_int, default=128, help="images per forward pass (default: 128)")
     return model
 
 
@@ -106,6 +107,7 @@ def _data_option(parser: argparse.ArgumentParser, required: bool) -> None:
     from ..data import DATA_SPEC_HELP
 
     parser.add_argument("--data", required=required, help=f"the data set: {DATA_SPEC_HELP}")
+    parser.add_argument("--batch-size", type=_positive_int, default=128, help="images per forward pass (default: 128)")
     parser.add_argument("--image-size", type=_positive_int, default=224,
                         help="crop size in pixels of the ImageNet evaluation transform, image folders only (default: 224)")
 
