@@ -311,8 +311,9 @@ def hutchinson_trace(
 ) -> TraceEstimate:
     """Estimate tr A as the mean of z^T A z over Rademacher probes z (Hutchinson, 1990).
 
-    Probes are drawn on the CPU with ``generator`` and moved to ``like``'s device in one copy, so the
-    estimate is the same on every device up to floating-point rounding.
+    Probes are drawn on the CPU with ``generator`` and copied to ``like``'s device without waiting for
+    it (through pinned memory), so the estimate is the same on every device up to floating-point
+    rounding.
 
     Without ``rtol`` exactly ``num_probes`` probes are used and the loop never waits for the device.
     With ``rtol``, ``num_probes`` is the most probes used: after ``min_probes`` of them, the loop stops
@@ -330,9 +331,9 @@ def hutchinson_trace(
         raise ValueError(f"invalid min_probes {min_probes}: must be between 2 and num_probes ({num_probes})")
     if rtol is not None and (rtol < 0 or atol < 0):
         raise ValueError(f"invalid tolerances rtol={rtol}, atol={atol}: must not be negative")
-    probes = _rademacher_stack(like, num_probes, generator)
     samples = []
-    for probe in probes:
+    for _ in range(num_probes):
+        probe = _rademacher(like, generator)
         samples.append(torch.dot(probe.reshape(-1), matvec(probe).reshape(-1)))
         if rtol is not None and len(samples) >= min_probes:
             estimate = _trace_estimate(torch.stack(samples))
@@ -352,14 +353,15 @@ def _distributed_rank_and_size(distributed: bool | None) -> tuple[int, int]:
 
 
 def _rademacher(like: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Draw random signs on the CPU with ``generator``, then move them to ``like``'s device and dtype."""
-    return (torch.randint(0, 2, like.shape, generator=generator) * 2 - 1).to(dtype=like.dtype, device=like.device)
+    """Draw random signs on the CPU with ``generator``, then move them to ``like``'s device and dtype.
 
-
-def _rademacher_stack(like: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
-    """Draw ``count`` sign vectors shaped like ``like``; the same signs as ``count`` calls of :func:`_rademacher`."""
-    signs = torch.randint(0, 2, (count, *like.shape), generator=generator) * 2 - 1
-    return signs.to(dtype=like.dtype, device=like.device)
+    On CUDA the copy goes through pinned memory without blocking, so the host does not wait for the
+    device's queue to drain.
+    """
+    signs = (torch.randint(0, 2, like.shape, generator=generator, dtype=torch.int8) * 2 - 1).to(like.dtype)
+    if like.device.type == "cuda":
+        return signs.pin_memory().to(like.device, non_blocking=True)
+    return signs.to(like.device)
 
 
 def _trace_estimate(samples: torch.Tensor) -> TraceEstimate:

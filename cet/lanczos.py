@@ -109,7 +109,9 @@ def lanczos(
         host_checks = vector.device.type == "cpu"
     float64 = {"dtype": torch.float64, "device": vector.device}
 
-    basis = torch.zeros(num_steps, vector.numel(), dtype=vector.dtype, device=vector.device)
+    # Rows are written before they are read; torch.zeros would spend as long as several products on
+    # touching every page of a large layer's basis up front.
+    basis = torch.empty(num_steps, vector.numel(), dtype=vector.dtype, device=vector.device)
     basis[0] = vector / norm
     alphas = torch.zeros(num_steps, **float64)
     betas = torch.zeros(num_steps, **float64)
@@ -125,7 +127,7 @@ def lanczos(
         alpha = torch.dot(w, basis[j])
         active = basis[: j + 1]
         before = torch.linalg.vector_norm(w)
-        w = w - active.T @ (active @ w)
+        w = torch.addmv(w, active.T, active @ w, alpha=-1)
         after = torch.linalg.vector_norm(w)
         if host_checks:
             if not (torch.isfinite(alpha) and torch.isfinite(before)):
@@ -133,9 +135,9 @@ def lanczos(
                     f"Lanczos step {j + 1}: the operator returned NaN or infinity; check the model and its loss"
                 )
             if after < threshold * before:
-                w = w - active.T @ (active @ w)
+                w = torch.addmv(w, active.T, active @ w, alpha=-1)
         else:
-            w = torch.where(after < threshold * before, w - active.T @ (active @ w), w)
+            w = torch.where(after < threshold * before, torch.addmv(w, active.T, active @ w, alpha=-1), w)
         beta = torch.linalg.vector_norm(w)
         alphas[j] = alpha.double()
         scale = torch.maximum(scale, torch.maximum(alpha.double().abs(), beta.double()))
