@@ -88,7 +88,7 @@ def lanczos(
             does so on the CPU, where reading a value costs nothing. On an accelerator the default keeps
             the whole loop on the device: after a breakdown the remaining steps run on zero vectors and
             are cut off after the loop, so the only host synchronisation is that final cut.
-            Both ways give the same result.
+            Both ways give the same result. NOTE: the tests run the device path on the CPU only.
 
     Returns:
         The Ritz pairs; see :class:`LanczosResult`.
