@@ -2,7 +2,9 @@
 
 Both tools get the same model, the same calibration batch and the same layers. PyHessian computes the
 Hessian of every parameter that requires a gradient, so it is run on one layer at a time with all other
-parameters frozen, as HAWQ does; cet analyses all layers from one shared forward and backward pass.
+parameters frozen, as HAWQ does. Given one batch, it runs a forward and a backward pass per layer and
+reuses that graph for the layer's products. cet analyses all layers from one shared forward and
+backward pass.
 Three tasks, per layer:
 
 - top1: the top eigenvalue (PyHessian: power iteration; cet: Lanczos);
@@ -46,7 +48,7 @@ from cet.models import quantizable_layers  # noqa: E402
 
 QUICK_LAYERS = ["conv1", "layer1.0.conv1", "layer2.0.downsample.0", "layer3.3.conv2", "fc"]
 TASKS = ("top1", "top8", "trace")
-# Lanczos steps per task: enough for the top eigenvalues to converge well inside 1%.
+# Lanczos steps per task. The agreement column of the output shows whether they were enough.
 LANCZOS_STEPS = {"top1": 10, "top8": 32}
 # PyHessian's own defaults.
 PYHESSIAN_MAX_ITER = 100

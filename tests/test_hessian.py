@@ -339,7 +339,7 @@ def test_one_batch_of_64_equals_four_of_16(engine):
 
 
 @pytest.mark.parametrize("name", ["conv", "fc"])
-def test_double_backward_forward_over_reverse_and_finite_differences_agree(name):
+def test_three_hvp_methods_agree(name):
     model = make_model()
     inputs, targets = make_data()
     batches = [(inputs[:5], targets[:5]), (inputs[5:], targets[5:])]
@@ -370,7 +370,7 @@ def test_double_backward_forward_over_reverse_and_finite_differences_agree(name)
     torch.testing.assert_close(central, double_backward, rtol=1e-7, atol=1e-8)
 
 
-def test_forward_engine_keeps_batchnorm_statistics_and_mode():
+def test_forward_engine_keeps_batchnorm_state():
     model = make_model()
     model.train()
     inputs, targets = make_data()
@@ -481,7 +481,7 @@ def test_hutchinson_stopping_rule_keeps_minimum_probes():
     assert estimate.mean == pytest.approx(diagonal.sum().item(), rel=1e-14)
 
 
-def test_hutchinson_stopping_rule_ends_at_maximum_for_zero_trace():
+def test_hutchinson_zero_trace_runs_to_maximum():
     # A trace of zero can never be known to relative precision: without atol the rule runs to the maximum.
     matrix = torch.tensor([[0.0, 1.0], [1.0, 0.0]], dtype=torch.float64)
     like = torch.zeros(2, dtype=torch.float64)
@@ -541,7 +541,7 @@ def _distributed_worker(rank, world_size, port, batches, vectors, directory):
         torch.distributed.destroy_process_group()
 
 
-def test_two_gloo_processes_give_single_process_result(tmp_path):
+def test_gloo_pair_matches_single_process(tmp_path):
     inputs, targets = make_large_data(40)
     batches = list(zip(inputs.split(13), targets.split(13)))  # 4 batches of 13, 13, 13 and 1 samples
     model = make_model()
@@ -560,7 +560,7 @@ def test_two_gloo_processes_give_single_process_result(tmp_path):
             torch.testing.assert_close(result[key], value, rtol=1e-11, atol=1e-13, msg=f"rank {rank}, {key}")
 
 
-def test_analysis_in_float64_with_densities_leaves_model_alone():
+def test_float64_analysis_leaves_model_alone():
     from cet.analysis import analyze_layers
     from torch.utils.data import TensorDataset
 

@@ -309,7 +309,7 @@ def test_density_of_diagonal_operator_is_exact():
     assert (smoothed * (grid[1] - grid[0])).sum().item() == pytest.approx(1.0, rel=1e-6)
 
 
-def test_density_weights_sum_to_one_on_random_operator():
+def test_density_weights_on_random_operator():
     matrix = random_symmetric(40, 33)
     like = torch.zeros(40, dtype=torch.float64)
 
