@@ -69,6 +69,8 @@ def lanczos(
     breakdown_atol: float = 1e-30,
     breakdown_rtol: float = 1e-10,
     host_checks: bool | None = None,
+    stop_residual: float | None = None,
+    stop_count: int = 1,
 ) -> LanczosResult:
     """Run ``num_steps`` Lanczos steps on the symmetric operator ``matvec`` from ``start``.
 
@@ -89,6 +91,11 @@ def lanczos(
             the whole loop on the device: after a breakdown the remaining steps run on zero vectors and
             are cut off after the loop, so the only host synchronisation is that final cut.
             Both ways give the same result. NOTE: the tests run the device path on the CPU only.
+        stop_residual, stop_count: stop early once each of the ``stop_count`` algebraically largest
+            Ritz pairs has a residual |A y - theta y| of at most ``stop_residual * |theta|``. The residual
+            bounds the distance from theta to the nearest eigenvalue, so this is a relative accuracy
+            request. Checking needs the Ritz values after every step, which on an accelerator costs one
+            host synchronisation per step.
 
     Returns:
         The Ritz pairs; see :class:`LanczosResult`.
@@ -99,6 +106,8 @@ def lanczos(
     """
     if num_steps < 1:
         raise ValueError(f"invalid num_steps {num_steps}: must be at least 1")
+    if stop_residual is not None and (stop_residual <= 0 or stop_count < 1):
+        raise ValueError(f"invalid stop_residual {stop_residual} or stop_count {stop_count}: both must be positive")
     shape = start.shape
     vector = start.reshape(-1)
     norm = torch.linalg.vector_norm(vector)
@@ -149,19 +158,26 @@ def lanczos(
             betas[j] = beta.double()
             if j + 1 < num_steps:
                 basis[j + 1] = w / beta
+            if stop_residual is not None and j + 1 >= stop_count and _converged(alphas, betas, j + 1, stop_residual, stop_count):
+                steps = j + 1
+                break
         else:
             steps_done = torch.where(alive & stopped, j + 1, steps_done)
             alive = alive & ~stopped
             betas[j] = torch.where(alive, beta.double(), 0.0)
             if j + 1 < num_steps:
                 basis[j + 1] = torch.where(alive, w / torch.where(alive, beta, 1.0), 0.0)
+            if stop_residual is not None and j + 1 >= stop_count and bool(alive):
+                if _converged(alphas, betas, j + 1, stop_residual, stop_count):
+                    steps_done = torch.full_like(steps_done, j + 1)
+                    break
 
     if not host_checks:
         # The one host synchronisation of the device path: where to cut, and whether the values are finite.
         steps = int(steps_done)
         if not bool(torch.isfinite(alphas[:steps]).all() and torch.isfinite(betas[:steps]).all()):
             raise FloatingPointError("Lanczos: the operator returned NaN or infinity; check the model and its loss")
-    breakdown = steps < num_steps or (steps == num_steps and bool(betas[steps - 1] == 0) and steps < vector.numel())
+    breakdown = bool(betas[steps - 1] == 0) and steps < vector.numel()
     alpha = alphas[:steps]
     beta = betas[: steps - 1]
     residual_beta = betas[steps - 1]
@@ -172,6 +188,16 @@ def lanczos(
     ritz_vectors = basis[:steps].T @ vectors.to(basis.dtype)
     residuals = (residual_beta * vectors[-1]).abs()
     return LanczosResult(values, ritz_vectors, residuals, alpha, beta, breakdown)
+
+
+def _converged(alphas: torch.Tensor, betas: torch.Tensor, steps: int, tolerance: float, count: int) -> bool:
+    """Return whether the top ``count`` Ritz pairs after ``steps`` steps have relative residuals within ``tolerance``."""
+    alpha, beta = alphas[:steps].cpu(), betas[:steps].cpu()
+    tridiagonal = torch.diag(alpha) + torch.diag(beta[:-1], 1) + torch.diag(beta[:-1], -1)
+    values, vectors = torch.linalg.eigh(tridiagonal)
+    top = torch.argsort(values, descending=True)[:count]
+    residuals = (beta[-1] * vectors[-1, top]).abs()
+    return bool((residuals <= tolerance * values[top].abs()).all())
 
 
 @dataclass

@@ -323,3 +323,34 @@ def test_density_weights_on_random_operator():
     quadratic = ((probes @ matrix) ** 2).sum(dim=1).mean().item() / 40
     assert density.moment(2) == pytest.approx(quadratic, rel=1e-10)
     assert density.nodes.min() >= descending_eigenvalues(matrix)[-1] - 1e-10
+
+
+@pytest.mark.parametrize("host_checks", [True, False])
+def test_residual_stop_ends_early(host_checks):
+    eigenvalues = torch.cat([torch.tensor([10.0, 7.0, 5.0], dtype=torch.float64), torch.linspace(-1.0, 1.0, 197, dtype=torch.float64)])
+    matrix = with_spectrum(eigenvalues, 35)
+
+    result = lanczos(lambda v: matrix @ v, random_start(200, 36), 60, host_checks=host_checks, stop_residual=1e-6, stop_count=3)
+
+    assert result.num_steps < 60
+    assert not result.breakdown
+    values, vectors, residuals = result.pairs(3)
+    true = torch.linalg.vector_norm(matrix @ vectors - vectors * values, dim=0)
+    assert (true <= 1e-6 * values.abs() * (1 + 1e-6)).all()
+    torch.testing.assert_close(values, torch.tensor([10.0, 7.0, 5.0], dtype=torch.float64), rtol=1e-9, atol=0)
+
+
+def test_residual_stop_same_on_both_paths():
+    matrix = random_symmetric(80, 37)
+    start = random_start(80, 38)
+
+    on_host = lanczos(lambda v: matrix @ v, start, 80, host_checks=True, stop_residual=1e-3, stop_count=2)
+    on_device = lanczos(lambda v: matrix @ v, start, 80, host_checks=False, stop_residual=1e-3, stop_count=2)
+
+    assert on_host.num_steps == on_device.num_steps
+    torch.testing.assert_close(on_device.ritz_values, on_host.ritz_values, rtol=1e-12, atol=1e-12)
+
+
+def test_residual_stop_rejects_bad_tolerance():
+    with pytest.raises(ValueError, match="stop_residual"):
+        lanczos(lambda v: v, torch.ones(4, dtype=torch.float64), 3, stop_residual=0.0)
