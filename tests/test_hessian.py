@@ -366,7 +366,8 @@ def test_three_hvp_methods_agree(name):
 
     assert double_backward.abs().max() > 1e-3
     torch.testing.assert_close(forward_over_reverse, double_backward, rtol=1e-11, atol=1e-13)
-    # Central differences have truncation error O(step^2) and rounding error O(eps / step): about 1e-10 here.
+    # Central differences have truncation error O(step^2) and rounding error O(eps / step), so an
+    # estimated 1e-10 here.
     torch.testing.assert_close(central, double_backward, rtol=1e-7, atol=1e-8)
 
 
