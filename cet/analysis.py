@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass
 
@@ -12,7 +13,7 @@ from tqdm import tqdm
 
 from .geometry import LowRankSurrogate, classify_quadric, complement_projection
 from .hessian import LayerHessian, TraceEstimate, hutchinson_trace
-from .lanczos import lanczos
+from .lanczos import SpectralDensity, lanczos, stochastic_lanczos_quadrature
 from .models import quantizable_layers
 
 __all__ = ["LayerAnalysis", "analyze_layers"]
@@ -32,6 +33,7 @@ class LayerAnalysis:
     surrogate: LowRankSurrogate    # top-k Ritz pairs plus isotropic remainder
     quadric: str                   # kind of quadric, see classify_quadric
     zero_eigenvalues_at_least: int # proven zero eigenvalues (0 when nothing is proven)
+    density: SpectralDensity | None = None  # stochastic Lanczos quadrature, when density_probes > 0
 
     @property
     def top_eigenvalue(self) -> float:
@@ -54,6 +56,9 @@ def analyze_layers(
     device: str | torch.device = "cpu",
     layers: dict[str, nn.Module] | None = None,
     piecewise_linear: bool = False,
+    density_probes: int = 0,
+    engine: str = "graph",
+    dtype: torch.dtype | None = None,
 ) -> dict[str, LayerAnalysis]:
     """Analyse the Hessian block of every quantizable layer on the calibration set.
 
@@ -71,6 +76,13 @@ def analyze_layers(
     at most N (C - 1) for N samples and C classes under cross-entropy. A larger layer therefore has at
     least n - N (C - 1) zero eigenvalues, and its quadric is a cylinder.
 
+    With ``density_probes`` > 0, each layer also gets a spectral density by stochastic Lanczos
+    quadrature, from that many Rademacher probes of ``lanczos_steps`` steps each. ``engine`` selects
+    how products are computed (see :class:`cet.hessian.LayerHessian`). With ``dtype=torch.float64`` a
+    float64 copy of the model is analysed, and the model itself is left as it was. Under
+    ``torch.distributed`` the calibration batches are shared out among the processes, and every process
+    gets the same result.
+
     Returns:
         Layer name -> analysis, in module order; frozen or unused layers are absent (and logged).
     """
@@ -80,13 +92,21 @@ def analyze_layers(
         raise ValueError(f"invalid top_k {top_k}: must be between 1 and lanczos_steps ({lanczos_steps})")
     if batch_size < 1:
         raise ValueError(f"invalid batch_size {batch_size}: must be at least 1")
+    if density_probes < 0:
+        raise ValueError(f"invalid density_probes {density_probes}: must not be negative")
+    if dtype is not None:
+        names = {id(module): name for name, module in model.named_modules()}
+        model = copy.deepcopy(model).to(dtype)
+        copies = dict(model.named_modules())
+        chosen = quantizable_layers(model) if layers is None else {n: copies[names[id(m)]] for n, m in layers.items()}
+        layers = chosen
     layers = quantizable_layers(model) if layers is None else layers
     images, labels = calibration.tensors
     batches = [(images[i:i + batch_size], labels[i:i + batch_size]) for i in range(0, len(labels), batch_size)]
     generator = torch.Generator().manual_seed(seed)
 
     analyses: dict[str, LayerAnalysis] = {}
-    with LayerHessian(model, layers, batches, device=device) as hessian:
+    with LayerHessian(model, layers, batches, device=device, engine=engine) as hessian:
         rank_bound = hessian.num_samples * (hessian.num_outputs - 1)
         for name in tqdm(hessian.layer_names, desc="Lanczos per layer", unit="layer"):
             weight = hessian.parameters[name]
@@ -103,6 +123,11 @@ def analyze_layers(
             trace = TraceEstimate(values.sum().item() + remainder.mean, remainder.standard_error, trace_probes)
             surrogate = LowRankSurrogate.from_trace(values.cpu(), vectors.detach().cpu().float(), trace.mean)
             zeros = max(0, weight.numel() - rank_bound) if piecewise_linear else 0
+            density = None
+            if density_probes:
+                density = stochastic_lanczos_quadrature(
+                    lambda v, name=name: hessian.hvp(name, v), weight.detach(), density_probes, lanczos_steps, generator
+                )
             analyses[name] = LayerAnalysis(
                 name=name,
                 num_weights=weight.numel(),
@@ -112,6 +137,7 @@ def analyze_layers(
                 surrogate=surrogate,
                 quadric=classify_quadric(result.ritz_values, known_zero_eigenvalues=zeros),
                 zero_eigenvalues_at_least=zeros,
+                density=density,
             )
             logger.debug("%s: top Ritz value %.4g, trace %.4g", name, values[0].item(), trace.mean)
     return analyses

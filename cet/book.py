@@ -46,6 +46,8 @@ _SMOKE_HESSIAN = {"calibration_size": 64, "hessian_batch_size": 32, "lanczos_ste
 SMOKE_PARAMETERS = {
     "theory": {**_SMOKE_TRAINING, **_SMOKE_HESSIAN, "grid_points": 5, "numeric_trials": 20},
     "resnet34": {**_SMOKE_TRAINING, **_SMOKE_HESSIAN, "trace_probes": 2, "evaluation_size": 500},
+    "hessian": {**_SMOKE_TRAINING, **_SMOKE_HESSIAN, "trace_probes": 2, "density_probes": 2, "density_steps": 4,
+                "study_sizes": [16, 32], "study_seeds": [0, 1], "study_steps": 3},
     "verification": {**_SMOKE_TRAINING, **_SMOKE_HESSIAN, "trace_probes": 2,
                      "direction_layers": ["conv1", "fc"], "direction_seeds": [0, 1]},
     "allocation": {**_SMOKE_TRAINING, **_SMOKE_HESSIAN, "trace_probes": 2, "calibration_seeds": [0, 1],

@@ -15,7 +15,7 @@ from cet.models import fashion_resnet34, quantizable_layers
 
 def test_toc_lists_every_chapter():
     names = [notebook.stem for notebook in chapters()]
-    assert names == ["theory", "resnet34", "verification", "allocation"]
+    assert names == ["theory", "hessian", "resnet34", "verification", "allocation"]
 
 
 @pytest.mark.parametrize("notebook", sorted((ROOT / "book").glob("*.ipynb")), ids=lambda p: p.name)
@@ -71,6 +71,26 @@ def test_theory_checks_pass(tmp_path, smoke_cache):
     printed = "".join(o.get("text", "") for c in executed.cells if c.cell_type == "code" for o in c.outputs)
     assert printed.count("checked symbolically") >= 10
     assert printed.count("checked numerically") >= 5
+
+
+@pytest.mark.slow
+def test_hessian_chapter_results(tmp_path, smoke_cache):
+    parameters = _execute_smoke("hessian", tmp_path, smoke_cache)
+    results = json.loads((tmp_path / "hessian.json").read_text())
+    assert len(results["layers"]) == 37
+    for name, layer in results["layers"].items():
+        assert len(layer["ritz_values"]) == parameters["top_k"], name
+        assert layer["ritz_values"] == sorted(layer["ritz_values"], reverse=True), name
+        assert all(math.isfinite(v) for v in layer["ritz_values"] + [layer["trace"]]), name
+    assert set(results["densities"]) == {"conv1", "layer2.1.conv1", "layer4.2.conv2", "fc"}
+    for name, density in results["densities"].items():
+        assert len(density["weights"]) == parameters["density_probes"], name
+        for weights in density["weights"]:
+            assert min(weights) >= 0.0, name
+            assert sum(weights) == pytest.approx(1.0, abs=1e-9), name
+    expected = {(n, size, seed) for n in results["densities"] for size in parameters["study_sizes"]
+                for seed in parameters["study_seeds"]}
+    assert {(row["layer"], row["size"], row["seed"]) for row in results["study"]} == expected
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ import pytest
 import torch
 from scipy.sparse.linalg import LinearOperator, eigsh
 
-from cet.lanczos import lanczos
+from cet.lanczos import lanczos, stochastic_lanczos_quadrature
 
 
 def random_symmetric(n, seed):
@@ -236,3 +236,121 @@ def test_rejects_invalid_start(value):
         start.zero_()
     with pytest.raises(ValueError, match="start vector"):
         lanczos(lambda v: v, start, 3)
+
+
+CASES = {
+    "identity": (lambda v: v, 10, 5),
+    "zero": (torch.zeros_like, 10, 5),
+    "repeated": (lambda v: torch.tensor([5.0, 5.0, 3.0, 2.0, 1.0, 1.0, 0.5], dtype=torch.float64) * v, 7, 7),
+    "random": (lambda v: random_symmetric(30, 26) @ v, 30, 12),
+    "full": (lambda v: random_symmetric(12, 27) @ v, 12, 12),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_device_loop_matches_host_checks(case):
+    # The loop without host synchronisation runs past a breakdown on zero vectors and cuts afterwards;
+    # it must give the same Ritz pairs as the loop that stops on the host.
+    matvec, n, num_steps = CASES[case]
+    start = random_start(n, 28)
+
+    on_host = lanczos(matvec, start, num_steps, host_checks=True)
+    on_device = lanczos(matvec, start, num_steps, host_checks=False)
+
+    assert on_device.breakdown == on_host.breakdown
+    assert on_device.num_steps == on_host.num_steps
+    for field in ("ritz_values", "ritz_vectors", "residuals", "alpha", "beta"):
+        torch.testing.assert_close(getattr(on_device, field), getattr(on_host, field), rtol=1e-12, atol=1e-12)
+
+
+def test_device_loop_rejects_nan():
+    with pytest.raises(FloatingPointError, match="NaN"):
+        lanczos(lambda v: v * float("nan"), random_start(5, 29), 3, host_checks=False)
+
+
+def test_pairs_carry_true_residuals():
+    matrix = random_symmetric(50, 30)
+
+    result = lanczos(lambda v: matrix @ v, random_start(50, 31), 20)
+
+    for which in ("top", "bottom"):
+        values, vectors, residuals = result.pairs(3, which)
+        true = torch.linalg.vector_norm(matrix @ vectors - vectors * values, dim=0)
+        torch.testing.assert_close(residuals, true, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(result.pairs(3, "bottom")[0], result.bottom(3)[0], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="which"):
+        result.pairs(3, "largest")
+
+
+def test_density_of_diagonal_operator_is_exact():
+    # With Rademacher probes, (e_i^T z)^2 = 1, so each probe puts weight (multiplicity / n) on each distinct
+    # eigenvalue exactly, and Lanczos finds all four distinct eigenvalues before it breaks down.
+    diagonal = torch.tensor([-2.0] * 3 + [0.5] * 5 + [1.0] * 2 + [4.0] * 6, dtype=torch.float64)
+    expected = {-2.0: 3 / 16, 0.5: 5 / 16, 1.0: 2 / 16, 4.0: 6 / 16}
+
+    density = stochastic_lanczos_quadrature(lambda v: diagonal * v, diagonal, 3, 10, torch.Generator().manual_seed(32))
+
+    assert density.num_probes == 3
+    assert (density.weights >= 0).all()
+    torch.testing.assert_close(density.weights.sum(dim=1), torch.ones(3, dtype=torch.float64), rtol=0, atol=1e-12)
+    for probe in range(3):
+        kept = density.weights[probe] > 1e-12
+        nodes = density.nodes[probe][kept]
+        weights = density.weights[probe][kept]
+        assert len(nodes) == 4
+        for node, weight in zip(nodes.tolist(), weights.tolist()):
+            key = min(expected, key=lambda value: abs(value - node))
+            assert node == pytest.approx(key, abs=1e-10)
+            assert weight == pytest.approx(expected[key], abs=1e-10)
+    for power in range(4):
+        assert density.moment(power) == pytest.approx((diagonal**power).mean().item(), rel=1e-10)
+    grid = torch.linspace(-6.0, 8.0, 2001, dtype=torch.float64)
+    smoothed = density.smoothed(grid, 0.2)
+    assert (smoothed * (grid[1] - grid[0])).sum().item() == pytest.approx(1.0, rel=1e-6)
+
+
+def test_density_weights_on_random_operator():
+    matrix = random_symmetric(40, 33)
+    like = torch.zeros(40, dtype=torch.float64)
+
+    density = stochastic_lanczos_quadrature(lambda v: matrix @ v, like, 4, 8, torch.Generator().manual_seed(34))
+
+    assert (density.weights >= 0).all()
+    torch.testing.assert_close(density.weights.sum(dim=1), torch.ones(4, dtype=torch.float64), rtol=0, atol=1e-12)
+    # Gauss quadrature with 8 nodes is exact for polynomials up to degree 15: check A^2 against the probes.
+    generator = torch.Generator().manual_seed(34)
+    probes = (torch.randint(0, 2, (4, 40), generator=generator) * 2 - 1).double()
+    quadratic = ((probes @ matrix) ** 2).sum(dim=1).mean().item() / 40
+    assert density.moment(2) == pytest.approx(quadratic, rel=1e-10)
+    assert density.nodes.min() >= descending_eigenvalues(matrix)[-1] - 1e-10
+
+
+@pytest.mark.parametrize("host_checks", [True, False])
+def test_residual_stop_ends_early(host_checks):
+    eigenvalues = torch.cat([torch.tensor([10.0, 7.0, 5.0], dtype=torch.float64), torch.linspace(-1.0, 1.0, 197, dtype=torch.float64)])
+    matrix = with_spectrum(eigenvalues, 35)
+
+    result = lanczos(lambda v: matrix @ v, random_start(200, 36), 60, host_checks=host_checks, stop_residual=1e-6, stop_count=3)
+
+    assert result.num_steps < 60
+    assert not result.breakdown
+    values, vectors, residuals = result.pairs(3)
+    true = torch.linalg.vector_norm(matrix @ vectors - vectors * values, dim=0)
+    assert (true <= 1e-6 * values.abs() * (1 + 1e-6)).all()
+    torch.testing.assert_close(values, torch.tensor([10.0, 7.0, 5.0], dtype=torch.float64), rtol=1e-9, atol=0)
+
+
+def test_residual_stop_same_on_both_paths():
+    matrix = random_symmetric(80, 37)
+    start = random_start(80, 38)
+
+    on_host = lanczos(lambda v: matrix @ v, start, 80, host_checks=True, stop_residual=1e-3, stop_count=2)
+    on_device = lanczos(lambda v: matrix @ v, start, 80, host_checks=False, stop_residual=1e-3, stop_count=2)
+
+    assert on_host.num_steps == on_device.num_steps
+    torch.testing.assert_close(on_device.ritz_values, on_host.ritz_values, rtol=1e-12, atol=1e-12)
+
+
+def test_residual_stop_rejects_bad_tolerance():
+    with pytest.raises(ValueError, match="stop_residual"):
+        lanczos(lambda v: v, torch.ones(4, dtype=torch.float64), 3, stop_residual=0.0)
