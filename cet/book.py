@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib.metadata
-import json
 import logging
 import os
 import platform
@@ -403,14 +402,14 @@ def build_html(profile: str = "full") -> Path:
 
     Notebooks are not executed again. The full book goes to ``_build/html`` and the smoke book to
     ``_build/smoke/_build/html``. Every Sphinx warning fails the build (``--warningiserror``), after
-    ``--keep-going`` has listed all of them. MathJax is copied into the book's ``_static`` folder,
-    so that the pages render their math without the network.
+    ``--keep-going`` has listed all of them. MathJax is copied into the book's ``_mathjax`` folder
+    (``html_static_path`` in ``_config.yml``), so that the pages render their math without the network.
 
     Raises:
         subprocess.CalledProcessError: jupyter-book failed; its output above names each warning.
     """
     source = source_dir(profile)
-    install_mathjax(source / "_static")
+    install_mathjax(source / "_mathjax")
     command = [
         "jupyter-book", "build", str(source), "--path-output", str(_html_output_root(profile)),
         "--warningiserror", "--keep-going",
@@ -431,7 +430,8 @@ _MATHJAX_PARTS = ("tex-mml-chtml.js", "input", "output/chtml", "output/chtml.js"
 def install_mathjax(static: Path) -> Path:
     """Copy MathJax 3 from the ``django-static-mathjax`` package into ``static/mathjax``; return that folder.
 
-    ``_config.yml`` points Sphinx's ``mathjax_path`` at ``mathjax/tex-mml-chtml.js`` under ``_static``.
+    ``_config.yml`` lists ``static`` (the book's ``_mathjax``) in ``html_static_path`` and points
+    ``mathjax_path`` at ``mathjax/tex-mml-chtml.js`` there.
     """
     import mathjax
 
@@ -466,7 +466,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     if arguments.step in ("execute", "all"):
-        times = execute_book(arguments.profile, cell_timeout=arguments.cell_timeout)
+        try:
+            times = execute_book(arguments.profile, cell_timeout=arguments.cell_timeout)
+        except (ValueError, RuntimeError) as error:
+            logger.error("%s", error)
+            return 1
         for name, seconds in times.items():
             logger.info("chapter %s: %.0f s", name, seconds)
     if arguments.step in ("build", "all"):

@@ -188,7 +188,7 @@ def test_build_uses_profile_folders(tiny_book, monkeypatch):
     assert command[1:3] == ["build", str(tiny_book / "_build" / "smoke" / "source")]
     assert command[3:5] == ["--path-output", str(tiny_book / "_build" / "smoke")]
     assert command[5:] == ["--warningiserror", "--keep-going"]
-    assert (tiny_book / "_build" / "smoke" / "source" / "_static" / "mathjax" / "tex-mml-chtml.js").is_file()
+    assert (tiny_book / "_build" / "smoke" / "source" / "_mathjax" / "mathjax" / "tex-mml-chtml.js").is_file()
 
 
 def test_build_full_writes_build_html(tiny_book, monkeypatch):
