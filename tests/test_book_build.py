@@ -7,6 +7,7 @@ jupyter-book: they check the command that would run it.
 from __future__ import annotations
 
 import json
+import subprocess
 
 import nbformat
 import pytest
@@ -211,3 +212,14 @@ def test_build_without_smoke_source_rejected(tiny_book, capsys):
 
     assert raised.value.code == 2
     assert "smoke/source not found" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_build_warning_fails(tiny_book):
+    # A real jupyter-book build (about 15 s): a reference to a figure that does not exist is a warning,
+    # which the strict build turns into an error.
+    (tiny_book / "book" / "intro.md").write_text("# Intro\n\nSee {numref}`fig-missing`.\n")
+    book.execute_book("smoke")
+
+    with pytest.raises(subprocess.CalledProcessError):
+        book.build_html("smoke")

@@ -62,3 +62,16 @@ def test_environment_python_allowed():
     minimum = tuple(int(part) for part in requires.removeprefix(">=").split("."))
     version = tuple(int(part) for part in python.removeprefix("python=").split("."))
     assert version >= minimum
+
+
+def test_pages_workflow_uses_makefile():
+    workflow = yaml.safe_load((ROOT / ".github" / "workflows" / "book.yml").read_text())
+    steps = workflow["jobs"]["build"]["steps"]
+    commands = [step["run"] for step in steps if "run" in step]
+    assert "make test" in commands
+    assert "make book" in commands
+    assert "make check-book PROFILE=full" in commands
+    [upload] = [step for step in steps if step.get("uses", "").startswith("actions/upload-pages-artifact")]
+    assert upload["with"]["path"] == "_build/html"
+    deploy = workflow["jobs"]["deploy"]["steps"]
+    assert any(step.get("uses", "").startswith("actions/deploy-pages") for step in deploy)
