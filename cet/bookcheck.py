@@ -4,7 +4,7 @@
 HTTP server on 127.0.0.1, loads each page with Selenium driving Debian's ``chromium`` and
 ``chromium-driver``, and fails when a page has:
 
-- an image that did not load, or any asset (script, style sheet, font) that answered with an error;
+- an image that did not load, or any asset (script, style sheet, font) whose request returned an HTTP error;
 - a math element that MathJax did not typeset, or typeset as a TeX error;
 - an error in the browser console, which includes a failed request and an uncaught exception.
 
@@ -82,7 +82,7 @@ if (window.MathJax && MathJax.startup && MathJax.startup.promise) {
 
 @dataclass
 class PageReport:
-    """What the browser found on one page: its problems, and how many math elements and images it has."""
+    """The browser's findings on one page: its problems and its number of math elements and images."""
 
     page: str
     problems: list[str] = field(default_factory=list)

@@ -1,8 +1,8 @@
 """A Sphinx extension for the book: drop script tags that a page would otherwise include twice.
 
-With Sphinx 7.4, jupyter-book 1.0.4 and sphinx-thebe 0.3.1, the inline scripts that sphinx-thebe and
-sphinx-togglebutton add once per build appear twice in every page, once through the extension
-registry and once through the builder, with the file names None and "". sphinx-thebe's script declares
+With Sphinx 7.4.7, jupyter-book 1.0.4 and sphinx-thebe 0.3.1, the inline scripts that sphinx-thebe and
+sphinx-togglebutton add once per build appear twice in every page. One copy comes through the extension
+registry and one through the builder, with the file names None and "". sphinx-thebe's script declares
 ``const THEBE_JS_URL``, so the second copy raises "Identifier 'THEBE_JS_URL' has already been
 declared" in the browser console. This extension keeps the first copy of each script.
 """
