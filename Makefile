@@ -12,7 +12,7 @@ PROFILE ?= full
 
 help:
 	@echo "make book        create .venv, install the data, execute every chapter, build _build/html"
-	@echo "make test        the unit tests and the smoke chapters, then the smoke book's build and browser check"
+	@echo "make test        create .venv, install the data and Chromium, run the unit tests and the smoke chapters, build the smoke book and check it in Chromium"
 	@echo "make book-smoke  the book with small parameters (minutes) in _build/smoke, for checking the pipeline"
 	@echo "make check-book  open every page of the built book in headless Chromium (PROFILE=full or smoke)"
 	@echo "make lab         JupyterLab on this repository, with .venv registered as the kernel 'Python (cet)'"
