@@ -4,8 +4,12 @@ The expected values are in ``tests/regression/smoke.json``: every number and str
 results file, flattened to dotted keys (``resnet34.runs.0.accuracy``), and a list of tolerance rules.
 The first rule whose pattern (``fnmatch``) matches a key applies: ``abs`` and ``rel`` bound the
 difference like ``math.isclose``, and ``ignore`` (with the reason) skips the key. Strings must match
-exactly unless ignored. The smoke run is seeded and deterministic on one machine; the tolerances
-absorb the differences that another BLAS or thread count brings.
+exactly unless ignored. The smoke run is seeded, runs its kernels on one CPU thread (the
+``smoke_book`` fixture) and is deterministic on one machine; the tolerances absorb the differences that
+another CPU or BLAS build brings.
+
+NOTE: the expected values come from a CPU run. On a machine with CUDA the chapters run on the GPU
+(their ``device`` parameter is "auto"), and the values are expected to move out of tolerance.
 
 To regenerate the expected values after an intended change, run the smoke chapters with::
 
