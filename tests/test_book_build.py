@@ -6,6 +6,9 @@ jupyter-book: they check the command that would run it.
 
 from __future__ import annotations
 
+import json
+import subprocess
+
 import nbformat
 import pytest
 
@@ -109,6 +112,72 @@ def test_failed_chapter_keeps_previous_source(tiny_book):
     assert "ZeroDivisionError" in error_names
 
 
+def test_failed_chapter_names_cell(tiny_book):
+    _write_chapter(tiny_book / "book" / "chapter.ipynb", "x = 1\nraise ZeroDivisionError('on purpose')")
+
+    with pytest.raises(RuntimeError) as raised:
+        book.execute_book("smoke")
+
+    # Cell 0 of the chapter is its parameters cell; the cells that papermill adds are not counted.
+    assert "chapter chapter.ipynb failed in cell 1 ('x = 1')" in str(raised.value)
+
+
+def test_cell_timeout_fails_chapter(tiny_book):
+    _write_chapter(tiny_book / "book" / "chapter.ipynb", "import time\ntime.sleep(60)")
+
+    with pytest.raises(RuntimeError) as raised:
+        book.execute_book("smoke", cell_timeout=2)
+
+    message = str(raised.value)
+    assert "chapter chapter.ipynb timed out in cell 1 ('import time')" in message
+    assert "longer than 2 s" in message
+    assert not (tiny_book / "_build" / "smoke" / "source").exists()
+
+
+def test_injected_parameters_shown(tiny_book, monkeypatch):
+    monkeypatch.setitem(book.SMOKE_PARAMETERS, "chapter", {"size": 7})
+
+    book.execute_book("smoke")
+
+    executed = nbformat.read(tiny_book / "_build" / "smoke" / "source" / "book" / "chapter.ipynb", as_version=4)
+    injected = [cell for cell in executed.cells if "injected-parameters" in cell.metadata.get("tags", [])]
+    assert len(injected) == 1
+    assert "size = 7" in injected[0].source
+    assert "executed 7" in _printed(tiny_book / "_build" / "smoke" / "source" / "book" / "chapter.ipynb")
+
+
+def test_unknown_smoke_parameter_rejected_first(tiny_book, monkeypatch):
+    monkeypatch.setitem(book.SMOKE_PARAMETERS, "chapter", {"sizes": 7})
+
+    with pytest.raises(ValueError, match="unknown parameters \\['sizes'\\] for chapter chapter.ipynb in the smoke"):
+        book.execute_book("smoke")
+
+    assert not (tiny_book / "_build" / "smoke").exists()
+
+
+def test_typed_number_stops_execution(tiny_book):
+    (tiny_book / "book" / "intro.md").write_text("# Intro\n\nThe model reaches 91.5% accuracy.\n")
+
+    with pytest.raises(ValueError, match="book/intro.md: 91.5%"):
+        book.execute_book("smoke")
+
+    assert not (tiny_book / "_build" / "smoke").exists()
+
+
+def test_execution_times_written(tiny_book):
+    times = book.execute_book("smoke")
+
+    pages = tiny_book / "_build" / "smoke" / "source" / "book"
+    record = json.loads((pages / book.TIMES_JSON).read_text())
+    assert record["profile"] == "smoke"
+    assert record["chapters"] == {"chapter": round(times["chapter"], 1)}
+    assert record["cell_timeout_seconds"] == book.CELL_TIMEOUTS["smoke"]
+    assert record["versions"]["papermill"] != "not installed"
+    table = (pages / book.TIMES_TABLE).read_text()
+    assert f"| chapter | {times['chapter']:.1f} |" in table
+    assert f"| cpu cores | {record['machine']['cpu_cores']} |" in table
+
+
 def test_build_uses_profile_folders(tiny_book, monkeypatch):
     commands = []
     monkeypatch.setattr(book.subprocess, "run", lambda command, check: commands.append(command))
@@ -118,7 +187,9 @@ def test_build_uses_profile_folders(tiny_book, monkeypatch):
     assert index == tiny_book / "_build" / "smoke" / "_build" / "html" / "index.html"
     [command] = commands
     assert command[1:3] == ["build", str(tiny_book / "_build" / "smoke" / "source")]
-    assert command[3:] == ["--path-output", str(tiny_book / "_build" / "smoke")]
+    assert command[3:5] == ["--path-output", str(tiny_book / "_build" / "smoke")]
+    assert command[5:] == ["--warningiserror", "--keep-going"]
+    assert (tiny_book / "_build" / "smoke" / "source" / "_mathjax" / "mathjax" / "tex-mml-chtml.js").is_file()
 
 
 def test_build_full_writes_build_html(tiny_book, monkeypatch):
@@ -129,7 +200,8 @@ def test_build_full_writes_build_html(tiny_book, monkeypatch):
 
     assert index == tiny_book / "_build" / "html" / "index.html"
     [command] = commands
-    assert command[1:] == ["build", str(tiny_book / "_build" / "source"), "--path-output", str(tiny_book)]
+    assert command[1:] == ["build", str(tiny_book / "_build" / "source"), "--path-output", str(tiny_book),
+                           "--warningiserror", "--keep-going"]
 
 
 def test_build_without_smoke_source_rejected(tiny_book, capsys):
@@ -140,3 +212,14 @@ def test_build_without_smoke_source_rejected(tiny_book, capsys):
 
     assert raised.value.code == 2
     assert "smoke/source not found" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_build_warning_fails(tiny_book):
+    # A real jupyter-book build (about 15 s): a reference to a figure that does not exist is a warning,
+    # which the strict build turns into an error.
+    (tiny_book / "book" / "intro.md").write_text("# Intro\n\nSee {numref}`fig-missing`.\n")
+    book.execute_book("smoke")
+
+    with pytest.raises(subprocess.CalledProcessError):
+        book.build_html("smoke")

@@ -1,4 +1,8 @@
-"""Execute every chapter with papermill on small parameters and check the files it writes."""
+"""Check the chapters: their committed form, their prose, and what their smoke execution writes.
+
+The smoke execution itself is the session fixture ``smoke_book`` (tests/conftest.py), which runs every
+chapter of ``_toc.yml`` once; the tests here read the executed notebooks and results files it leaves.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ import nbformat
 import pytest
 
 from cet.allocate import compression_ratio
-from cet.book import ROOT, SMOKE_PARAMETERS, chapters, execute_chapter
+from cet.book import KERNEL, SMOKE_PARAMETERS, chapter_parameters, chapters, check_prose, execute_chapter
 from cet.models import fashion_resnet34, quantizable_layers
 
 
@@ -18,11 +22,21 @@ def test_toc_lists_every_chapter():
     assert names == ["theory", "hessian", "resnet34", "verification", "allocation"]
 
 
-@pytest.mark.parametrize("notebook", sorted((ROOT / "book").glob("*.ipynb")), ids=lambda p: p.name)
-def test_committed_notebook_has_no_outputs(notebook):
+def test_toc_pages_have_no_typed_results():
+    assert check_prose() == {}
+
+
+@pytest.mark.parametrize("notebook", chapters(), ids=lambda p: p.name)
+def test_chapter_runs_on_named_kernel(notebook):
     content = nbformat.read(notebook, as_version=4)
-    with_outputs = [i for i, cell in enumerate(content.cells) if cell.get("outputs")]
-    assert with_outputs == [], f"{notebook.name} has outputs in cells {with_outputs}; clear them before committing"
+    assert content.metadata["kernelspec"]["name"] == KERNEL
+
+
+@pytest.mark.parametrize("notebook", chapters(), ids=lambda p: p.name)
+def test_chapter_has_parameters_cell(notebook):
+    assert chapter_parameters(notebook), f"{notebook.name} has no cell tagged 'parameters'"
+    unknown = set(SMOKE_PARAMETERS.get(notebook.stem, {})) - set(chapter_parameters(notebook))
+    assert unknown == set()
 
 
 def _write_notebook(path, sources):
@@ -47,27 +61,10 @@ def test_failing_chapter_named_in_error(tmp_path):
         execute_chapter(notebook, tmp_path / "out.ipynb", {"size": 2})
 
 
-@pytest.fixture(scope="session")
-def smoke_cache(tmp_path_factory):
-    """Return a checkpoint cache shared by the smoke chapters and independent of any earlier model."""
-    return tmp_path_factory.mktemp("cache")
-
-
-def _execute_smoke(name, directory, cache):
-    parameters = dict(SMOKE_PARAMETERS[name])
-    if name != "theory":
-        parameters["results_path"] = str(directory / f"{name}.json")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("CET_CACHE", str(cache))
-        execute_chapter(ROOT / "book" / f"{name}.ipynb", directory / f"{name}.ipynb", parameters)
-    return parameters
-
-
 @pytest.mark.slow
-def test_theory_checks_pass(tmp_path, smoke_cache):
+def test_theory_checks_pass(smoke_book):
     # Every symbolic and numeric check of the chapter is an assert, so executing it is the test.
-    _execute_smoke("theory", tmp_path, smoke_cache)
-    executed = nbformat.read(tmp_path / "theory.ipynb", as_version=4)
+    executed = nbformat.read(smoke_book.notebook("theory"), as_version=4)
     printed = "".join(o.get("text", "") for c in executed.cells if c.cell_type == "code" for o in c.outputs)
     assert printed.count("checked symbolically") >= 10
     assert printed.count("checked numerically") >= 5
@@ -94,10 +91,9 @@ def test_hessian_chapter_results(tmp_path, smoke_cache):
 
 
 @pytest.fixture(scope="module")
-def resnet34_results(tmp_path_factory, smoke_cache):
-    directory = tmp_path_factory.mktemp("resnet34")
-    parameters = _execute_smoke("resnet34", directory, smoke_cache)
-    return parameters, json.loads((directory / "resnet34.json").read_text())
+def resnet34_results(smoke_book):
+    parameters = SMOKE_PARAMETERS["resnet34"]
+    return parameters, json.loads((smoke_book.results / "resnet34.json").read_text())
 
 
 @pytest.mark.slow
@@ -155,6 +151,16 @@ def test_resnet34_layer_spectra_nondegenerate(resnet34_results):
 
 
 @pytest.mark.slow
+def test_executed_chapters_show_parameters(smoke_book):
+    for notebook in chapters():
+        executed = nbformat.read(smoke_book.notebook(notebook.stem), as_version=4)
+        injected = [cell for cell in executed.cells if "injected-parameters" in cell.metadata.get("tags", [])]
+        assert len(injected) == 1, notebook.name
+        for name in SMOKE_PARAMETERS.get(notebook.stem, {}):
+            assert f"{name} = " in injected[0].source, (notebook.name, name)
+
+
+@pytest.mark.slow
 def test_resnet34_uses_smoke_parameters(resnet34_results):
     parameters, results = resnet34_results
     assert results["evaluation_size"] == parameters["evaluation_size"]
@@ -162,9 +168,9 @@ def test_resnet34_uses_smoke_parameters(resnet34_results):
 
 
 @pytest.mark.slow
-def test_verification_results_complete(tmp_path, smoke_cache):
-    parameters = _execute_smoke("verification", tmp_path, smoke_cache)
-    results = json.loads((tmp_path / "verification.json").read_text())
+def test_verification_results_complete(smoke_book):
+    parameters = SMOKE_PARAMETERS["verification"]
+    results = json.loads((smoke_book.results / "verification.json").read_text())
     assert [row["layer"] for row in results["direction_test"]] == parameters["direction_layers"]
     for row in results["direction_test"]:
         for kind in ("top", "random", "complement"):
