@@ -80,7 +80,8 @@ SMOKE_PARAMETERS = {
                      "direction_layers": ["conv1", "fc"], "direction_seeds": [0, 1]},
     "allocation": {**_SMOKE_TRAINING, **_SMOKE_HESSIAN, "trace_probes": 2, "calibration_seeds": [0, 1],
                    "gradient_chunks": 4, "target_ratios": [8.0, 11.0, 16.0], "pareto_ratios": [4.0, 8.0, 16.0],
-                   "uniform_bits": [4], "evaluation_size": 500},
+                   "uniform_bits": [4], "evaluation_size": 500,
+                   "export_path": "_build/smoke-results/resnet34-cet.pt"},
 }
 
 

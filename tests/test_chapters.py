@@ -71,9 +71,9 @@ def test_theory_checks_pass(smoke_book):
 
 
 @pytest.mark.slow
-def test_hessian_chapter_results(tmp_path, smoke_cache):
-    parameters = _execute_smoke("hessian", tmp_path, smoke_cache)
-    results = json.loads((tmp_path / "hessian.json").read_text())
+def test_hessian_chapter_results(smoke_book):
+    parameters = SMOKE_PARAMETERS["hessian"]
+    results = json.loads((smoke_book.results / "hessian.json").read_text())
     assert len(results["layers"]) == 37
     for name, layer in results["layers"].items():
         assert len(layer["ritz_values"]) == parameters["top_k"], name
@@ -180,15 +180,9 @@ def test_verification_results_complete(smoke_book):
 
 
 @pytest.fixture(scope="module")
-def allocation_results(tmp_path_factory, smoke_cache):
-    directory = tmp_path_factory.mktemp("allocation")
-    parameters = dict(SMOKE_PARAMETERS["allocation"])
-    parameters["export_path"] = str(directory / "model.pt")
-    parameters["results_path"] = str(directory / "allocation.json")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("CET_CACHE", str(smoke_cache))
-        execute_chapter(ROOT / "book" / "allocation.ipynb", directory / "allocation.ipynb", parameters)
-    return parameters, json.loads((directory / "allocation.json").read_text())
+def allocation_results(smoke_book):
+    parameters = SMOKE_PARAMETERS["allocation"]
+    return parameters, json.loads((smoke_book.results / "allocation.json").read_text())
 
 
 @pytest.mark.slow
