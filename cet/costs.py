@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from .allocate import _validate_bit_widths
 from .analysis import LayerAnalysis
 from .quantize import QuantizedTensor, channel_axis, quantize_per_channel
 
@@ -117,9 +118,18 @@ def cost_tables(
     if needs_gradients and gradients is None:
         raise ValueError("these methods need gradient statistics: pass gradients=gradient_statistics(...) "
                          "or first_order_z=None and no 'first-order' method")
+    bit_widths = _validate_bit_widths(bit_widths)
     rounded = rounded or {}
     modules = dict(model.named_modules())
     names = list(analyses)
+    for name in names:
+        weight = getattr(modules.get(name), "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.numel() != analyses[name].num_weights:
+            found = "no such layer" if weight is None else f"{weight.numel()} weights"
+            raise ValueError(
+                f"the analysis of layer {name!r} covers {analyses[name].num_weights} weights, but the model has "
+                f"{found}; pass the model that was analysed"
+            )
     shape = (len(names), len(bit_widths))
     tables = {m: CostTable(m, names, list(bit_widths), np.zeros(shape), np.zeros(shape)) for m in methods}
     for row, name in enumerate(names):

@@ -202,11 +202,13 @@ def load_packed(path: str | os.PathLike, model: nn.Module) -> nn.Module:
         raise FileNotFoundError(f"packed model file {path} not found")
     # torch.save writes a zip archive. Checking for one first keeps torch.load from unpickling arbitrary
     # bytes, which fails with unpredictable exception types.
-    if not zipfile.is_zipfile(path):
-        raise PackedFileError(f"cannot read {path} as a packed model: it is not a torch.save zip archive, so it is damaged or of another kind")
+    if path.is_dir():
+        raise PackedFileError(f"cannot read {path} as a packed model: it is a directory; name the packed file inside it")
+    _check_archive(path)
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, UnicodeDecodeError) as error:
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, UnicodeDecodeError, ValueError,
+            KeyError, IndexError, TypeError) as error:
         raise PackedFileError(f"cannot read {path} as a packed model: {error}; the file is damaged or of another kind") from error
     if not isinstance(payload, dict) or payload.get("format") != FORMAT_NAME:
         raise PackedFileError(f"{path} is not a packed model file (no {FORMAT_NAME!r} format marker); write it with cet.export.save_packed")
@@ -232,6 +234,32 @@ def load_packed(path: str | os.PathLike, model: nn.Module) -> nn.Module:
     with torch.no_grad():
         model.load_state_dict(state, strict=True)
     return model
+
+
+def _check_archive(path: Path) -> None:
+    """Raise PackedFileError unless ``path`` is a zip archive whose every entry matches its CRC-32.
+
+    torch.load does not check the checksums, so without this check a flipped bit in the codes, scales
+    or float tensors would load silently as different weights.
+
+    NOTE: the checksums cover the entries' data only. Damage to fields of the central directory that
+    zipfile ignores (such as the external attributes) can still make torch.load read other bytes.
+    """
+    not_archive = f"cannot read {path} as a packed model: it is not a torch.save zip archive, so it is damaged or of another kind"
+    try:
+        is_archive = zipfile.is_zipfile(path)
+        damaged = None
+        if is_archive:
+            with zipfile.ZipFile(path) as archive:
+                damaged = archive.testzip()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError) as error:
+        raise PackedFileError(f"cannot read {path} as a packed model: {error}; the file is damaged") from error
+    if not is_archive:
+        raise PackedFileError(not_archive)
+    if damaged is not None:
+        raise PackedFileError(
+            f"{path} is damaged: its entry {damaged!r} fails the zip checksum or header check; copy or export the file again"
+        )
 
 
 def _dequantize_layer(layer: Mapping) -> torch.Tensor:

@@ -112,7 +112,13 @@ def quantize_per_channel(weight: torch.Tensor, bits: int, axis: int = 0) -> Quan
         raise ValueError("cannot quantize a weight that contains NaN or infinity; check the model's weights")
     levels = 2 ** (bits - 1) - 1
     reduce_dims = [d for d in range(weight.dim()) if d != axis]
-    max_abs = weight.abs().amax(dim=reduce_dims, keepdim=True) if reduce_dims else weight.abs()
+    if weight.numel() == 0:
+        # amax cannot reduce over a dimension of size 0, and a weight without entries needs no scale.
+        max_abs = torch.zeros([size if d == axis else 1 for d, size in enumerate(weight.shape)], dtype=weight.dtype)
+    elif reduce_dims:
+        max_abs = weight.abs().amax(dim=reduce_dims, keepdim=True)
+    else:
+        max_abs = weight.abs()
     scale = torch.where(max_abs > 0, max_abs / levels, torch.ones_like(max_abs))
     codes = torch.clamp(torch.round(weight / scale), -levels, levels).to(torch.int32)
     return QuantizedTensor(codes, scale, bits, axis)

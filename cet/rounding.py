@@ -97,6 +97,13 @@ def major_axis_round(
         )
     if gradient is not None and gradient.numel() != num_weights:
         raise ValueError(f"gradient has {gradient.numel()} entries but the weight has {num_weights}")
+    surrogate_finite = (torch.isfinite(surrogate.eigenvalues).all() and torch.isfinite(vectors).all()
+                        and np.isfinite(float(surrogate.rho)))
+    if not surrogate_finite:
+        # NaN costs compare false with everything, so the descent would stop at once and hide the problem.
+        raise ValueError("the surrogate contains NaN or infinity; check the Hessian analysis of this layer")
+    if gradient is not None and not torch.isfinite(gradient).all():
+        raise ValueError("the gradient contains NaN or infinity; check the model's loss on the calibration set")
     if max_passes < 0 or moves_per_pass < 1:
         raise ValueError(f"invalid max_passes {max_passes} or moves_per_pass {moves_per_pass}: need >= 0 and >= 1")
 

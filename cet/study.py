@@ -21,6 +21,7 @@ from .analysis import LayerAnalysis, analyze_layers
 from .geometry import LowRankSurrogate
 from .hessian import TraceEstimate
 from .io import save_atomic
+from .models import quantizable_layers
 from .training import cache_dir
 
 __all__ = ["analysis_cache_path", "analyze_or_load", "is_analysis_cached"]
@@ -83,6 +84,30 @@ def _from_state(state: dict) -> LayerAnalysis:
     )
 
 
+def _weights_fingerprint(model: nn.Module) -> str:
+    """Return a SHA-256 digest of the names, shapes and values of the model's quantizable weights."""
+    digest = hashlib.sha256()
+    for name, module in quantizable_layers(model).items():
+        weight = module.weight.detach().cpu().contiguous()
+        digest.update(f"{name}:{tuple(weight.shape)}:{weight.dtype};".encode())
+        digest.update(weight.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _mismatch(stored: dict, model: nn.Module, fingerprint: str) -> str | None:
+    """Return how a cached analysis differs from ``model``, or None when it may belong to it."""
+    if "fingerprint" in stored and stored["fingerprint"] != fingerprint:
+        return "it was computed from other weights than this model's"
+    layers = quantizable_layers(model)
+    for state in stored["layers"]:
+        module = layers.get(state["name"])
+        if module is None:
+            return f"the model has no quantizable layer {state['name']!r}"
+        if module.weight.numel() != int(state["num_weights"]):
+            return f"layer {state['name']!r} has {module.weight.numel()} weights, the cached analysis {state['num_weights']}"
+    return None
+
+
 def analyze_or_load(
     model: nn.Module,
     model_key: str,
@@ -96,8 +121,9 @@ def analyze_or_load(
 
     Args:
         model: the network, already on ``device``.
-        model_key: names the model's weights, such as its checkpoint file's stem. Two models with the
-            same key must have the same weights, or the cache returns the wrong analysis.
+        model_key: names the model's weights, such as its checkpoint file's stem. A cached file whose
+            layers or weights differ from ``model`` is not used and is replaced (files written before
+            the weights' digest was stored are checked by layer names and sizes only).
         calibration: the calibration set; its size is part of the key, its draw is fixed by ``calibration_seed``.
         calibration_seed: the seed that drew ``calibration``; it also seeds the Lanczos starts.
         settings: keyword arguments of :func:`analyze_layers` other than ``seed``, ``device`` and ``layers``
@@ -106,21 +132,26 @@ def analyze_or_load(
     """
     key_settings = _key_settings(calibration, calibration_seed, device, settings)
     path = analysis_cache_path(model_key, key_settings)
+    fingerprint = _weights_fingerprint(model)
     if path.exists() and not recompute:
         try:
             stored = torch.load(path, map_location="cpu", weights_only=True)
             if stored.get("settings") != key_settings or stored.get("model") != model_key:
                 raise ValueError("settings differ")
+            mismatch = _mismatch(stored, model, fingerprint)
+            if mismatch is not None:
+                raise ValueError(mismatch)
             analyses = {state["name"]: _from_state(state) for state in stored["layers"]}
-        except Exception as error:  # any unreadable cache entry is recomputed, never trusted
-            logger.warning("Ignoring unreadable cached analysis %s (%s); analysing again", path, error)
+        except Exception as error:  # an unreadable or mismatched cache entry is recomputed, never trusted
+            logger.warning("Ignoring cached analysis %s, which cannot be used (%s); analysing again", path, error)
         else:
             logger.info("Loaded cached analysis %s", path)
             return analyses
 
     analyses = analyze_layers(model, calibration, seed=calibration_seed, device=device, **settings)
     save_atomic(
-        {"model": model_key, "settings": key_settings, "layers": [_to_state(a) for a in analyses.values()]}, path
+        {"model": model_key, "settings": key_settings, "fingerprint": fingerprint,
+         "layers": [_to_state(a) for a in analyses.values()]}, path
     )
     logger.info("Saved the analysis to %s", path)
     return analyses

@@ -53,6 +53,23 @@ def tiny_net_with_mixer():
     return nn.Sequential(*model[:6], Mixer(6), model[6])
 
 
+class EmptyBranch(nn.Module):
+    """Adds a linear layer with no inputs, as a pruned branch leaves it: its weight has shape (10, 0)."""
+
+    def __init__(self, body):
+        super().__init__()
+        self.body = body
+        self.empty = nn.Linear(0, 10)
+
+    def forward(self, x):
+        features = self.body(x)
+        return features + self.empty(features[:, :0])
+
+
+def tiny_net_with_empty_layer():
+    return EmptyBranch(tiny_net())
+
+
 def tiny_net_nan():
     model = tiny_net()
     with torch.no_grad():
@@ -387,4 +404,57 @@ def test_plan_for_other_model_rejected(capsys, tmp_path, cifar):
     code, _, err = run(capsys, "quantize", "--model", "test_cli:tiny_net", "--plan", plan_path, "-o", output)
     assert code == 1
     assert "the plan names layers that the model has no quantizable layer for: 7" in err
+    assert_nothing_written(output)
+
+
+def test_empty_layer_skipped(capsys, tmp_path, cifar):
+    analysis_path, out = analyze(capsys, tmp_path, cifar, "test_cli:tiny_net_with_empty_layer")
+    assert "skipped empty: it has no weights (a dimension of size 0)" in out
+    analysis = json.loads(analysis_path.read_text())
+    assert [layer["name"] for layer in analysis["layers"]] == ["body.0", "body.2", "body.6"]
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda a: a.pop("bit_widths"), "'bit_widths' is None"),
+    (lambda a: a["layers"][0].pop("costs"), "layer '0' lacks 3 numeric cet-rtn costs"),
+    (lambda a: a["layers"][0]["costs"]["hawq-v1"].pop(), "layer '0' lacks 3 numeric hawq-v1 costs"),
+    (lambda a: a["layers"][1]["costs"]["cet-rtn"].__setitem__(0, None), "layer '2' lacks 3 numeric cet-rtn costs"),
+    (lambda a: a.__setitem__("layers", 5), "'layers' is int, not a list"),
+    (lambda a: a["layers"][0].__setitem__("num_weights", "108"), "'num_weights' '108', not a non-negative integer"),
+])
+def test_damaged_analysis_rejected(capsys, tmp_path, cifar, change, message):
+    analysis_path, _ = analyze(capsys, tmp_path, cifar)
+    analysis = json.loads(analysis_path.read_text())
+    change(analysis)
+    analysis_path.write_text(json.dumps(analysis))
+    plan_path = tmp_path / "plan.json"
+    code, _, err = run(capsys, "allocate", "--analysis", analysis_path, "--target-ratio", 8, "-o", plan_path)
+    assert code == 1
+    assert message in err
+    assert "create it again with `cet analyze`" in err
+    assert_nothing_written(plan_path)
+
+
+@pytest.mark.parametrize("bits", [4.7, "4", None, 1, 17, True])
+def test_invalid_plan_bit_width_rejected(capsys, tmp_path, cifar, bits):
+    analysis_path, _ = analyze(capsys, tmp_path, cifar)
+    plan_path = tmp_path / "plan.json"
+    assert run(capsys, "allocate", "--analysis", analysis_path, "--target-ratio", 8, "-o", plan_path)[0] == 0
+    plan = json.loads(plan_path.read_text())
+    plan["bit_widths"]["2"] = bits
+    plan_path.write_text(json.dumps(plan))
+    output = tmp_path / "model.cetq"
+    code, _, err = run(capsys, "quantize", "--model", "test_cli:tiny_net", "--plan", plan_path, "-o", output)
+    assert code == 1
+    assert f"layer '2' has bit width {bits!r}, not an integer from 2 to 16" in err
+    assert_nothing_written(output)
+
+
+def test_plan_without_bit_widths_rejected(capsys, tmp_path, cifar):
+    plan_path = tmp_path / "plan.json"
+    plan_path.write_text(json.dumps({"format": "cet-plan/1", "model": "test_cli:tiny_net"}))
+    output = tmp_path / "model.cetq"
+    code, _, err = run(capsys, "quantize", "--model", "test_cli:tiny_net", "--plan", plan_path, "-o", output)
+    assert code == 1
+    assert "'bit_widths' is NoneType, not a mapping from layer names to bit widths" in err
     assert_nothing_written(output)

@@ -161,3 +161,21 @@ def test_invalid_chunk_count_raises(setup):
     model, calibration, _, _ = setup
     with pytest.raises(ValueError, match="invalid num_chunks 1"):
         gradient_statistics(model, calibration, quantizable_layers(model), num_chunks=1)
+
+
+def test_analysis_of_other_model_raises(setup):
+    _, _, analyses, _ = setup
+    other = nn.Sequential(nn.Conv2d(1, 4, 5, padding=2), nn.BatchNorm2d(4))
+    with pytest.raises(ValueError, match="layer '0' covers 36 weights, but the model has 100 weights"):
+        cost_tables(["hawq-v1"], other, analyses, BITS, first_order_z=None)
+    with pytest.raises(ValueError, match="layer '3' covers 216 weights, but the model has no such layer"):
+        cost_tables(["hawq-v1"], nn.Sequential(nn.Conv2d(1, 4, 3)), analyses, BITS, first_order_z=None)
+
+
+@pytest.mark.parametrize("bits, message", [([], "the list is empty"), ([4, 4], "each may appear only once"),
+                                           ([1, 4], "invalid bit width 1")])
+def test_invalid_bit_widths_raise(setup, bits, message):
+    model, _, analyses, _ = setup
+    with pytest.raises(ValueError, match=message):
+        cost_tables(["hawq-v1"], model, analyses, bits, first_order_z=None)
+

@@ -239,6 +239,32 @@ def test_truncated_file_raises(tmp_path):
         load_packed(path, SmallConvNet())
 
 
+def test_flipped_bit_raises(tmp_path):
+    # torch.load ignores the zip checksums, so without a check these flips would load as other weights.
+    model = small_conv_net()
+    path = tmp_path / "model.pt"
+    save_packed(model, quantize_layers(model, {"conv": 4, "fc": 3}), path)
+    data = path.read_bytes()
+    damaged = tmp_path / "damaged.pt"
+    # The entries' headers and data; the central directory after them is not covered by the checksums.
+    for position in range(0, data.index(b"PK\x01\x02"), 5):
+        flipped = bytearray(data)
+        flipped[position] ^= 0x10
+        damaged.write_bytes(bytes(flipped))
+        try:
+            loaded = load_packed(damaged, SmallConvNet())
+        except PackedFileError:
+            continue
+        expected = load_packed(path, SmallConvNet()).state_dict()
+        for key, value in loaded.state_dict().items():
+            assert torch.equal(value, expected[key]), f"byte {position} changed {key} without an error"
+
+
+def test_directory_raises(tmp_path):
+    with pytest.raises(PackedFileError, match="is a directory"):
+        load_packed(tmp_path, SmallConvNet())
+
+
 def test_garbage_file_raises(tmp_path):
     path = tmp_path / "garbage.pt"
     path.write_bytes(os.urandom(1000))

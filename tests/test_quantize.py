@@ -334,3 +334,11 @@ def test_apply_quantized_rejects_unknown_layer():
 
     with pytest.raises(KeyError, match="missing"):
         apply_quantized(model, {"missing": q})
+
+
+@pytest.mark.parametrize("shape, axis", [((3, 0), 0), ((0, 3), 0), ((2, 0, 3, 3), 0), ((4, 0, 2), 1), ((0,), 0)])
+def test_empty_weight_quantizes(shape, axis):
+    quantized = quantize_per_channel(torch.zeros(shape), 4, axis)
+    assert quantized.codes.shape == shape
+    assert quantized.dequantize().shape == shape
+    quantized.validate(shape)

@@ -116,3 +116,40 @@ def test_wrong_gradient_size_raises():
     surrogate = LowRankSurrogate(torch.ones(1, dtype=torch.float64), torch.ones(6, 1) / 6 ** 0.5, 0.0)
     with pytest.raises(ValueError, match="gradient has 5 entries"):
         major_axis_round(torch.randn(2, 3), 4, 0, surrogate, gradient=torch.zeros(5))
+
+
+def test_nonfinite_surrogate_raises():
+    generator = torch.Generator().manual_seed(0)
+    surrogate = _random_surrogate(6, 2, generator)
+    surrogate.eigenvalues[0] = float("nan")
+    with pytest.raises(ValueError, match="surrogate contains NaN or infinity"):
+        major_axis_round(torch.randn(2, 3, generator=generator), 3, 0, surrogate)
+
+
+def test_nonfinite_gradient_raises():
+    generator = torch.Generator().manual_seed(0)
+    gradient = torch.zeros(6)
+    gradient[4] = float("inf")
+    with pytest.raises(ValueError, match="gradient contains NaN or infinity"):
+        major_axis_round(torch.randn(2, 3, generator=generator), 3, 0, _random_surrogate(6, 2, generator), gradient)
+
+
+def test_update_matches_direct_recomputation():
+    # The change of q for one weight's step, as the descent prices it, equals q after minus q before.
+    generator = torch.Generator().manual_seed(3)
+    surrogate = _random_surrogate(20, 3, generator, negative=True)
+    gradient = torch.randn(20, generator=generator, dtype=torch.float64)
+    error = torch.randn(20, generator=generator, dtype=torch.float64)
+    vectors = surrogate.eigenvectors.double()
+    shifted = surrogate.eigenvalues.double() - surrogate.rho
+    projection = vectors.T @ error
+    before = surrogate_loss_change(surrogate, error, gradient)
+    for i in range(20):
+        step = 0.3 if i % 2 else -0.7
+        coupling = torch.dot(vectors[i] * shifted, projection).item()
+        diagonal = surrogate.rho + torch.dot(vectors[i].square(), shifted).item()
+        predicted = step * (gradient[i].item() + surrogate.rho * error[i].item() + coupling) + 0.5 * step ** 2 * diagonal
+        moved = error.clone()
+        moved[i] += step
+        assert predicted == pytest.approx(surrogate_loss_change(surrogate, moved, gradient) - before, abs=1e-12)
+

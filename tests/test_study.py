@@ -61,7 +61,7 @@ def test_unreadable_cache_recomputed(setup, caplog):
     path.write_bytes(b"not a torch file")
     with caplog.at_level(logging.WARNING, logger="cet.study"):
         again = analyze_or_load(model, "m", calibration, 0, **SETTINGS)
-    assert "Ignoring unreadable cached analysis" in caplog.text
+    assert "Ignoring cached analysis" in caplog.text
     _assert_same(first, again)
     # The recomputed analysis replaced the broken file.
     torch.load(path, weights_only=True)
@@ -75,3 +75,32 @@ def test_recompute_replaces_cache(setup, monkeypatch):
     monkeypatch.setattr(study, "analyze_layers", lambda *a, **k: calls.append(1) or original(*a, **k))
     analyze_or_load(model, "m", calibration, 0, recompute=True, **SETTINGS)
     assert calls == [1]
+
+
+def test_cache_of_other_weights_recomputed(setup, caplog):
+    model, calibration = setup
+    analyze_or_load(model, "m", calibration, 0, **SETTINGS)
+    with torch.no_grad():
+        model[0].weight.mul_(2)
+    with caplog.at_level(logging.WARNING, logger="cet.study"):
+        again = analyze_or_load(model, "m", calibration, 0, **SETTINGS)
+    assert "computed from other weights than this model's" in caplog.text
+    _assert_same(analyze_or_load(model, "m", calibration, 0, recompute=True, **SETTINGS), again)
+
+
+def test_cache_without_digest_checks_layers(setup, caplog):
+    # Files written before the digest was stored are checked by layer names and sizes.
+    model, calibration = setup
+    analyze_or_load(model, "m", calibration, 0, **SETTINGS)
+    path = next((analysis_cache_path("m", {}).parent).glob("*.pt"))
+    stored = torch.load(path, weights_only=True)
+    del stored["fingerprint"]
+    torch.save(stored, path)
+    with caplog.at_level(logging.WARNING, logger="cet.study"):
+        analyze_or_load(model, "m", calibration, 0, **SETTINGS)
+    assert caplog.text == ""
+    renamed = nn.Sequential(nn.Identity(), *model).eval()
+    with caplog.at_level(logging.WARNING, logger="cet.study"):
+        analyze_or_load(renamed, "m", calibration, 0, **SETTINGS)
+    assert "the model has no quantizable layer '0'" in caplog.text
+

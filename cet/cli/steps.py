@@ -230,8 +230,12 @@ def analyze(
 
     skipped = {name: f"a {kind} cannot be quantized; its weights stay float32" for name, kind in unquantizable_layers(model).items()}
     layers = quantizable_layers(model)
+    for name in [name for name, module in layers.items() if module.weight.numel() == 0]:
+        # Lanczos needs a nonzero start vector, and a layer without weights has nothing to quantize.
+        skipped[name] = "it has no weights (a dimension of size 0)"
+        del layers[name]
     if not layers:
-        raise InputError(f"model {model_spec!r} has no convolution or linear layer to quantize")
+        raise InputError(f"model {model_spec!r} has no convolution or linear layer with weights to quantize")
     analyses = analyze_layers(
         model, calibration, batch_size=batch_size, lanczos_steps=lanczos_steps, top_k=top_k,
         trace_probes=trace_probes, seed=seed, device=device, layers=layers,
@@ -291,14 +295,65 @@ def _read_document(path: str | os.PathLike, expected_format: str, producer: str)
     return document
 
 
+def _is_bit_width(value: object) -> bool:
+    return type(value) is int and MIN_BITS <= value <= MAX_BITS
+
+
+def _analysis_problem(document: dict) -> str | None:
+    """Return what is missing or malformed in an analysis document, or None when :func:`allocate` can use it."""
+    widths = document.get("bit_widths")
+    if not isinstance(widths, list) or not widths or not all(_is_bit_width(b) for b in widths):
+        return f"'bit_widths' is {widths!r}, not a list of integers from {MIN_BITS} to {MAX_BITS}"
+    layers = document.get("layers")
+    if not isinstance(layers, list):
+        return f"'layers' is {type(layers).__name__}, not a list"
+    for index, layer in enumerate(layers):
+        if not isinstance(layer, dict) or not isinstance(layer.get("name"), str):
+            return f"layer {index} has no name"
+        count = layer.get("num_weights")
+        if type(count) is not int or count < 0:
+            return f"layer {layer['name']!r} has 'num_weights' {count!r}, not a non-negative integer"
+        costs = layer.get("costs")
+        for method in COST_METHODS:
+            row = costs.get(method) if isinstance(costs, dict) else None
+            if not isinstance(row, list) or len(row) != len(widths) or not all(
+                    isinstance(c, (int, float)) and not isinstance(c, bool) for c in row):
+                return f"layer {layer['name']!r} lacks {len(widths)} numeric {method} costs, one per bit width"
+    return None
+
+
 def read_analysis(path: str | os.PathLike) -> dict:
-    """Read an analysis file written by :func:`analyze`."""
-    return _read_document(path, ANALYSIS_FORMAT, "analyze")
+    """Read an analysis file written by :func:`analyze`, checking the fields that :func:`allocate` uses.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        InputError: the file is not an analysis document, or a field is missing or malformed.
+    """
+    document = _read_document(path, ANALYSIS_FORMAT, "analyze")
+    problem = _analysis_problem(document)
+    if problem is not None:
+        raise InputError(f"invalid analysis file {path}: {problem}; create it again with `cet analyze`")
+    return document
 
 
 def read_plan(path: str | os.PathLike) -> dict:
-    """Read a bit-width plan written by :func:`allocate`."""
-    return _read_document(path, PLAN_FORMAT, "allocate")
+    """Read a bit-width plan written by :func:`allocate`, checking its bit widths.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        InputError: the file is not a plan, or its ``bit_widths`` is not a mapping from layer names to
+            integers from 2 to 16.
+    """
+    document = _read_document(path, PLAN_FORMAT, "allocate")
+    widths = document.get("bit_widths")
+    if not isinstance(widths, dict):
+        raise InputError(f"invalid plan file {path}: 'bit_widths' is {type(widths).__name__}, not a mapping from "
+                         "layer names to bit widths; create it again with `cet allocate`")
+    for name, bits in widths.items():
+        if not _is_bit_width(bits):
+            raise InputError(f"invalid plan file {path}: layer {name!r} has bit width {bits!r}, not an integer from "
+                             f"{MIN_BITS} to {MAX_BITS}; create the plan again with `cet allocate`")
+    return document
 
 
 def allocate(
