@@ -49,6 +49,12 @@ def reachable_ratios(bit_widths: Sequence[int]) -> tuple[float, float]:
 
 
 def _validate_bit_widths(bit_widths: Sequence[int]) -> list[int]:
+    if isinstance(bit_widths, (set, frozenset)):
+        # The cost table's columns follow the order of the bit widths, which a set does not keep.
+        raise TypeError(
+            f"invalid bit widths {set(bit_widths)}: a set has no order, but the columns of the cost table follow "
+            f"the order of the bit widths; pass a list such as {sorted(bit_widths)}"
+        )
     widths = list(bit_widths)
     if not widths:
         raise ValueError("invalid bit widths: the list is empty; pass e.g. [2, 3, 4, 5, 6, 8]")
@@ -83,6 +89,7 @@ def allocate_bits(
     Raises:
         InfeasibleTargetError: the target lies outside the reachable range, which the message names.
         ValueError: both targets or neither are given, shapes disagree, or costs are not finite.
+        TypeError: ``bit_widths`` is a set, whose order need not match the table's columns.
         RuntimeError: the solver failed for another reason.
     """
     if (target_ratio is None) == (tolerance is None):

@@ -116,6 +116,14 @@ def test_invalid_bit_widths_raise(bit_widths):
         allocate_bits(costs, [10, 20], bit_widths, 4.0)
 
 
+def test_set_of_bit_widths_rejected():
+    # A set's iteration order need not follow the cost table's columns ({2, 4, 8} iterates as 8, 2, 4).
+    costs = np.array([[0.0, 1.0, 2.0]])
+
+    with pytest.raises(TypeError, match="a set has no order"):
+        allocate_bits(costs, [10], {2, 4, 8}, 4.0)
+
+
 def test_numpy_integer_bit_widths_accepted():
     allocation = allocate_bits(np.zeros((1, 2)), [10], np.array([2, 8]), 16.0)
 
