@@ -145,10 +145,35 @@ def test_nonfinite_costs_raise(bad_value):
         allocate_bits(costs, [10, 20], BIT_WIDTHS, 4.0)
 
 
-@pytest.mark.parametrize("target", [0.0, -2.0, np.nan, np.inf])
+@pytest.mark.parametrize("target", [0.0, -2.0, np.nan, np.inf, "8", [8.0], 8 + 0j, True])
 def test_invalid_target_raises(target):
     with pytest.raises(ValueError, match="invalid target ratio"):
         allocate_bits(np.zeros((2, 3)), [10, 20], BIT_WIDTHS, target)
+
+
+def test_complex_costs_raise():
+    # Converting to float64 would drop the imaginary parts with only a warning.
+    costs = np.zeros((2, 3), dtype=complex)
+    costs[0, 1] = 1j
+
+    with pytest.raises(ValueError, match="complex"):
+        allocate_bits(costs, [10, 20], BIT_WIDTHS, 4.0)
+
+
+@pytest.mark.parametrize("tolerance", [None, 1.0])
+def test_cost_range_overflow_raises(tolerance):
+    # Each entry is finite, but differences and sums of them overflow float64 inside the solver set-up.
+    costs = np.array([[1e308, 0.0, -1e308], [1e308, 1e308, 1e308]])
+    target = 4.0 if tolerance is None else None
+
+    with pytest.raises(ValueError, match="overflow"):
+        allocate_bits(costs, [10, 20], BIT_WIDTHS, target, tolerance=tolerance)
+
+
+@pytest.mark.parametrize("sizes", [[1.5, 20], [10, 20.25]])
+def test_fractional_sizes_raise(sizes):
+    with pytest.raises(ValueError, match="invalid layer sizes"):
+        allocate_bits(np.zeros((2, 3)), sizes, BIT_WIDTHS, 4.0)
 
 
 def test_compression_ratio_hand_example():
