@@ -38,14 +38,27 @@ class Allocation:
 
 
 def compression_ratio(sizes: Sequence[int], bit_widths: Sequence[int]) -> float:
-    """Return R = 32 sum n_l / sum n_l b_l, the weight-compression ratio against float32."""
-    sizes = np.asarray(sizes, dtype=np.float64)
-    return FLOAT_BITS * sizes.sum() / float(np.dot(sizes, np.asarray(bit_widths, dtype=np.float64)))
+    """Return R = 32 sum n_l / sum n_l b_l, the weight-compression ratio against float32.
+
+    Raises:
+        ValueError: the two lists differ in length, or the layers have no weights to quantize.
+    """
+    sizes = np.asarray(sizes, dtype=np.float64).reshape(-1)
+    widths = np.asarray(bit_widths, dtype=np.float64).reshape(-1)
+    if len(sizes) != len(widths):
+        raise ValueError(f"got {len(sizes)} layer sizes but {len(widths)} bit widths; pass one bit width per layer")
+    quantized_bits = float(np.dot(sizes, widths))
+    if not quantized_bits > 0:
+        raise ValueError(
+            f"the layers have no weights to quantize (sizes {sizes.tolist()}, bit widths {widths.tolist()})"
+        )
+    return FLOAT_BITS * sizes.sum() / quantized_bits
 
 
 def reachable_ratios(bit_widths: Sequence[int]) -> tuple[float, float]:
     """Return the smallest and largest weight-compression ratios reachable with these bit widths."""
-    return FLOAT_BITS / max(bit_widths), FLOAT_BITS / min(bit_widths)
+    widths = _validate_bit_widths(bit_widths)
+    return FLOAT_BITS / max(widths), FLOAT_BITS / min(widths)
 
 
 def _validate_bit_widths(bit_widths: Sequence[int]) -> list[int]:

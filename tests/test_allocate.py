@@ -190,6 +190,22 @@ def test_reachable_ratios_hand_example():
     assert reachable_ratios([8, 3, 5]) == (4.0, 32 / 3)
 
 
+def test_compression_ratio_length_mismatch_raises():
+    with pytest.raises(ValueError, match="3 layer sizes but 2 bit widths"):
+        compression_ratio([100, 200, 300], [8, 4])
+
+
+def test_compression_ratio_without_weights_raises():
+    with pytest.raises(ValueError, match="no weights"):
+        compression_ratio([0, 0], [8, 4])
+
+
+@pytest.mark.parametrize("bit_widths", [[], [0, 4], [4, 40]])
+def test_reachable_ratios_invalid_bits_raise(bit_widths):
+    with pytest.raises(ValueError, match="invalid bit width"):
+        reachable_ratios(bit_widths)
+
+
 def test_wide_cost_range_matches_brute_force():
     # Costs over five decades: a solver gap relative to the largest cost would pick a worse allocation.
     generator = np.random.default_rng(11)
