@@ -110,6 +110,12 @@ def cost_tables(
             and round-to-nearest elsewhere.
         first_order_z: the CET methods add g^T d where |g^T d| exceeds this many standard errors;
             None leaves the term out.
+
+    Raises:
+        ValueError: an analysis does not fit the model's layer or contains NaN or infinity, the gradient
+            statistics lack a layer or do not fit it, or rounded codes do not fit the layer and bit width
+            they are filed under.
+        TypeError: a rounded entry is not a QuantizedTensor.
     """
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -130,6 +136,14 @@ def cost_tables(
                 f"the analysis of layer {name!r} covers {analyses[name].num_weights} weights, but the model has "
                 f"{found}; pass the model that was analysed"
             )
+    for name in names:
+        _check_analysis(name, analyses[name])
+        if needs_gradients:
+            _check_gradients(gradients, name, analyses[name].num_weights)
+        if "cet" in methods:
+            for bits in bit_widths:
+                if (name, bits) in rounded:
+                    _check_rounded_codes(rounded[(name, bits)], name, bits, modules[name].weight.shape)
     shape = (len(names), len(bit_widths))
     tables = {m: CostTable(m, names, list(bit_widths), np.zeros(shape), np.zeros(shape)) for m in methods}
     for row, name in enumerate(names):
@@ -150,6 +164,59 @@ def cost_tables(
                 table.costs[row, column] = value
                 table.standard_errors[row, column] = standard_error
     return tables
+
+
+def _check_analysis(name: str, analysis: LayerAnalysis) -> None:
+    """Raise ValueError if the analysis of layer ``name`` is inconsistent or contains NaN or infinity."""
+    surrogate = analysis.surrogate
+    if surrogate.eigenvectors.shape[0] != analysis.num_weights:
+        raise ValueError(
+            f"the surrogate of layer {name!r} has eigenvectors of length {surrogate.eigenvectors.shape[0]}, but the "
+            f"analysis covers {analysis.num_weights} weights; analyse the layer again"
+        )
+    scalars = torch.tensor([analysis.trace.mean, analysis.trace.standard_error, float(surrogate.rho)])
+    tensors = [analysis.ritz_values, surrogate.eigenvalues, surrogate.eigenvectors, scalars]
+    if not all(torch.isfinite(tensor).all() for tensor in tensors):
+        # A NaN cost would only be caught by the allocator, which cannot name the layer.
+        raise ValueError(
+            f"the analysis of layer {name!r} contains NaN or infinity; check the model's loss on the calibration "
+            "set and analyse the layer again"
+        )
+
+
+def _check_gradients(gradients: GradientStatistics, name: str, num_weights: int) -> None:
+    """Raise ValueError unless ``gradients`` has at least two finite chunk gradients of layer ``name``."""
+    chunks = gradients.chunk_gradients.get(name)
+    if chunks is None:
+        raise ValueError(
+            f"the gradient statistics contain no gradient of layer {name!r}; compute them with "
+            "gradient_statistics() for the analysed layers"
+        )
+    # With one chunk the standard error is NaN, and the significance test would drop the term silently.
+    if chunks.dim() != 2 or chunks.shape[0] < 2 or chunks.shape[1] != num_weights:
+        raise ValueError(
+            f"the chunk gradients of layer {name!r} have shape {tuple(chunks.shape)}, but the analysis needs "
+            f"(chunks, {num_weights}) with at least 2 chunks; compute them for this model with gradient_statistics()"
+        )
+    if not torch.isfinite(chunks).all():
+        raise ValueError(
+            f"the chunk gradients of layer {name!r} contain NaN or infinity; "
+            "check the model's loss on the calibration set"
+        )
+
+
+def _check_rounded_codes(codes: object, name: str, bits: int, shape: Sequence[int]) -> None:
+    """Raise unless ``codes``, filed under (``name``, ``bits``), are ``bits``-bit codes for a weight of ``shape``."""
+    key = (name, bits)
+    if not isinstance(codes, QuantizedTensor):
+        raise TypeError(
+            f"rounded[{key!r}] is a {type(codes).__name__}; expected a QuantizedTensor, as round_layers returns"
+        )
+    if codes.bits != bits:
+        raise ValueError(
+            f"rounded[{key!r}] has {codes.bits}-bit codes; file each rounding under the bit width it was rounded to"
+        )
+    codes.validate(shape, f"layer {name!r}")
 
 
 def _price(

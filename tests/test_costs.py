@@ -1,5 +1,7 @@
 """Cost tables of every method, the first-order statistics, and the allocation study helpers."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -8,10 +10,10 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from cet.analysis import analyze_layers
-from cet.costs import METHODS, cost_table, cost_tables, gradient_statistics
+from cet.costs import METHODS, GradientStatistics, cost_table, cost_tables, gradient_statistics
 from cet.experiment import calibration_loss, pareto_front, quantize_with_codes, round_layers, run_study
 from cet.models import quantizable_layers
-from cet.quantize import quantization_error, quantize_model
+from cet.quantize import quantization_error, quantize_layers, quantize_model
 
 BITS = [2, 3, 4, 8]
 
@@ -179,3 +181,59 @@ def test_invalid_bit_widths_raise(setup, bits, message):
     with pytest.raises(ValueError, match=message):
         cost_tables(["hawq-v1"], model, analyses, bits, first_order_z=None)
 
+
+def test_rounded_codes_of_other_bits_raise(setup):
+    # 4-bit codes filed under 2 bits would be priced as the 2-bit entry.
+    model, _, analyses, _ = setup
+    four_bit = quantize_layers(model, {"0": 4})["0"]
+    with pytest.raises(ValueError, match=r"rounded\[\('0', 2\)\] has 4-bit codes"):
+        cost_tables(["cet"], model, analyses, BITS, rounded={("0", 2): four_bit}, first_order_z=None)
+
+
+def test_rounded_codes_of_other_layer_raise(setup):
+    model, _, analyses, _ = setup
+    other_layer = quantize_layers(model, {"3": 2})["3"]
+    with pytest.raises(ValueError, match=r"codes of shape \(6, 4, 3, 3\) do not match"):
+        cost_tables(["cet"], model, analyses, BITS, rounded={("0", 2): other_layer}, first_order_z=None)
+
+
+def test_rounded_plain_tensor_raises(setup):
+    model, _, analyses, _ = setup
+    with pytest.raises(TypeError, match="QuantizedTensor"):
+        cost_tables(["cet"], model, analyses, BITS, rounded={("0", 2): torch.zeros(4, 1, 3, 3)}, first_order_z=None)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda chunks: {("x" + name): value for name, value in chunks.items()}, "no gradient of layer '0'"),
+    (lambda chunks: {name: value[:, :5] for name, value in chunks.items()}, r"shape \(4, 5\)"),
+    (lambda chunks: {name: value[:1] for name, value in chunks.items()}, r"shape \(1, 36\)"),
+    (lambda chunks: {name: value * float("nan") for name, value in chunks.items()}, "NaN or infinity"),
+], ids=["other-layers", "short", "one-chunk", "nan"])
+def test_invalid_gradients_raise(setup, change, message):
+    model, _, analyses, gradients = setup
+    broken = GradientStatistics(change(gradients.chunk_gradients))
+    for method in ["cet", "first-order"]:
+        with pytest.raises(ValueError, match=message):
+            cost_tables([method], model, analyses, BITS, broken)
+
+
+@pytest.mark.parametrize("method, damage", [
+    ("hawq-v1", lambda a: a.ritz_values.__setitem__(0, float("nan"))),
+    ("hawq-v2", lambda a: setattr(a, "trace", type(a.trace)(float("nan"), 0.0, 2))),
+    ("cet-rtn", lambda a: a.surrogate.eigenvalues.__setitem__(0, float("nan"))),
+    ("cet-rtn", lambda a: setattr(a.surrogate, "rho", float("inf"))),
+], ids=["ritz-value", "trace", "eigenvalue", "rho"])
+def test_nonfinite_analysis_raises(setup, method, damage):
+    model, _, analyses, _ = setup
+    damaged = copy.deepcopy(analyses)
+    damage(damaged["3"])
+    with pytest.raises(ValueError, match="analysis of layer '3' contains NaN or infinity"):
+        cost_tables([method], model, damaged, BITS, first_order_z=None)
+
+
+def test_surrogate_of_other_size_raises(setup):
+    model, _, analyses, _ = setup
+    swapped = copy.deepcopy(analyses)
+    swapped["3"].surrogate = analyses["0"].surrogate
+    with pytest.raises(ValueError, match="surrogate of layer '3' has eigenvectors of length 36"):
+        cost_tables(["cet-rtn"], model, swapped, BITS, first_order_z=None)
