@@ -19,6 +19,7 @@ whose noisy estimate happened to be negative.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -71,8 +72,20 @@ def gradient_statistics(
 
     The model runs in eval mode, so BatchNorm uses its running statistics. The chunks' mean is the
     gradient on the whole set when it divides evenly.
+
+    Raises:
+        ValueError: a layer in ``layers`` is not a module of ``model``, or ``num_chunks`` is not between 2
+            and the calibration size.
     """
     images, labels = calibration.tensors
+    own_modules = {id(module) for module in model.modules()}
+    for name, layer in layers.items():
+        if id(layer) not in own_modules:
+            # The loss does not depend on a layer outside the model, so its gradient would read as zero.
+            raise ValueError(
+                f"layer {name!r} is not a module of the model; pass the model's own layers, "
+                "for example from quantizable_layers(model)"
+            )
     if not 2 <= num_chunks <= len(labels):
         raise ValueError(f"invalid num_chunks {num_chunks}: need 2 to {len(labels)} (the calibration size)")
     was_training = model.training
@@ -112,11 +125,13 @@ def cost_tables(
             None leaves the term out.
 
     Raises:
-        ValueError: an analysis does not fit the model's layer or contains NaN or infinity, the gradient
-            statistics lack a layer or do not fit it, or rounded codes do not fit the layer and bit width
-            they are filed under.
-        TypeError: a rounded entry is not a QuantizedTensor.
+        ValueError: ``first_order_z`` is negative or NaN, an analysis does not fit the model's layer or
+            contains NaN or infinity, the gradient statistics lack a layer or do not fit it, or rounded codes
+            do not fit the layer and bit width they are filed under.
+        TypeError: ``methods`` is a string, or a rounded entry is not a QuantizedTensor.
     """
+    if isinstance(methods, str):
+        raise TypeError(f"methods is the string {methods!r}; pass a list of method names, such as [{methods!r}]")
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown method {unknown[0]!r}: expected one of {', '.join(METHODS)}")
@@ -124,6 +139,11 @@ def cost_tables(
     if needs_gradients and gradients is None:
         raise ValueError("these methods need gradient statistics: pass gradients=gradient_statistics(...) "
                          "or first_order_z=None and no 'first-order' method")
+    if first_order_z is not None and not (isinstance(first_order_z, numbers.Real) and first_order_z >= 0):
+        raise ValueError(
+            f"invalid first_order_z {first_order_z!r}: must be a non-negative number of standard errors, or None "
+            "to leave the first-order term out"
+        )
     bit_widths = _validate_bit_widths(bit_widths)
     rounded = rounded or {}
     modules = dict(model.named_modules())

@@ -237,3 +237,24 @@ def test_surrogate_of_other_size_raises(setup):
     swapped["3"].surrogate = analyses["0"].surrogate
     with pytest.raises(ValueError, match="surrogate of layer '3' has eigenvectors of length 36"):
         cost_tables(["cet-rtn"], model, swapped, BITS, first_order_z=None)
+
+
+def test_method_string_raises(setup):
+    model, _, analyses, gradients = setup
+    with pytest.raises(TypeError, match=r"pass a list of method names, such as \['cet'\]"):
+        cost_tables("cet", model, analyses, BITS, gradients)
+
+
+@pytest.mark.parametrize("first_order_z", [-1.0, float("nan"), "2"])
+def test_invalid_first_order_z_raises(setup, first_order_z):
+    model, _, analyses, gradients = setup
+    with pytest.raises(ValueError, match="invalid first_order_z"):
+        cost_tables(["cet"], model, analyses, BITS, gradients, first_order_z=first_order_z)
+
+
+def test_gradients_of_foreign_layer_raise(setup):
+    # A layer outside the model gets no gradient, which would be reported as zero.
+    model, calibration, _, _ = setup
+    copied = copy.deepcopy(model)
+    with pytest.raises(ValueError, match="layer '3' is not a module of the model"):
+        gradient_statistics(model, calibration, {"3": copied[3]}, num_chunks=2)
