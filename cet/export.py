@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from .io import save_atomic
-from .quantize import MAX_BITS, MIN_BITS, QuantizedTensor, _weight_layer
+from .quantize import MAX_BITS, MIN_BITS, QuantizedTensor, _check_quantized_tensor, _weight_layer
 
 __all__ = [
     "FORMAT_NAME", "FORMAT_VERSION", "PackedFileError", "PackedFileInfo", "load_packed", "pack_codes", "save_packed", "unpack_codes",
@@ -127,7 +127,7 @@ def save_packed(
 
     Raises:
         KeyError: a name in ``quantized`` is not a module of the model.
-        TypeError: the named module is not a convolution or a linear layer.
+        TypeError: the named module is not a convolution or a linear layer, or an entry is not a QuantizedTensor.
         ValueError: codes or scales do not fit their layer, a scale is not float32, a quantized weight is
             tied to another state-dict entry, or the metadata contains a type that
             ``torch.load(weights_only=True)`` cannot read.
@@ -143,6 +143,7 @@ def save_packed(
     layers = {}
     for name, q in quantized.items():
         module = _weight_layer(modules, name)
+        _check_quantized_tensor(q, name)
         key = _weight_key(name)
         # The state dict lists a tied weight under every name. The float copy under another name would be
         # stored and, on loading, overwrite the quantized weight.
@@ -207,11 +208,17 @@ def load_packed(path: str | os.PathLike, model: nn.Module) -> nn.Module:
     ``load_state_dict(strict=True)``.
 
     Raises:
+        TypeError: ``model`` is not an ``nn.Module`` instance.
         FileNotFoundError: ``path`` does not exist.
         PackedFileError: the file is not a packed model, has another format version, or is damaged
             (truncated, packed codes of the wrong length, missing fields).
         ValueError: the model's state-dict keys or shapes differ from the file's; the message lists them.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"model must be an nn.Module instance of the saved architecture, got {model!r}; "
+            "construct it first, for example torchvision.models.resnet34()"
+        )
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"packed model file {path} not found")

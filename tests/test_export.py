@@ -417,3 +417,21 @@ def test_root_layer_round_trip(tmp_path):
     loaded = load_packed(path, nn.Linear(6, 3))
 
     assert_same_state(loaded, apply_quantized(model, quantized))
+
+
+def test_plain_tensor_codes_raise(tmp_path):
+    model = small_conv_net()
+
+    with pytest.raises(TypeError, match=r"quantized\['conv'\] is a Tensor"):
+        save_packed(model, {"conv": torch.zeros(4, 3, 3, 3)}, tmp_path / "x.pt")
+    assert not (tmp_path / "x.pt").exists()
+
+
+@pytest.mark.parametrize("target", [None, SmallConvNet], ids=["none", "class"])
+def test_load_into_non_module_raises(tmp_path, target):
+    model = small_conv_net()
+    path = tmp_path / "model.pt"
+    save_packed(model, quantize_layers(model, {"conv": 4}), path)
+
+    with pytest.raises(TypeError, match="model must be an nn.Module instance"):
+        load_packed(path, target)
