@@ -33,7 +33,17 @@ _CACHE_VERSION = 1
 
 
 def analysis_cache_path(model_key: str, settings: dict) -> Path:
-    """Return where the analysis of the model ``model_key`` with ``settings`` is cached."""
+    """Return where the analysis of the model ``model_key`` with ``settings`` is cached.
+
+    Raises:
+        ValueError: ``model_key`` is empty or contains a path separator.
+    """
+    # The key becomes a file name, so a path in it would put the file outside the cache.
+    if not isinstance(model_key, str) or not model_key or "/" in model_key or "\\" in model_key:
+        raise ValueError(
+            f"invalid model_key {model_key!r}: it names the cache file, so it must be a non-empty name without "
+            "path separators, such as the checkpoint file's stem"
+        )
     text = json.dumps({"version": _CACHE_VERSION, "model": model_key, **settings}, sort_keys=True)
     digest = hashlib.sha256(text.encode()).hexdigest()[:16]
     return cache_dir() / "analyses" / f"{model_key}-{digest}.pt"

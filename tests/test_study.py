@@ -104,3 +104,11 @@ def test_cache_without_digest_checks_layers(setup, caplog):
         analyze_or_load(renamed, "m", calibration, 0, **SETTINGS)
     assert "the model has no quantizable layer '0'" in caplog.text
 
+
+@pytest.mark.parametrize("model_key", ["../outside", "a/b", "a\\b", ""])
+def test_model_key_with_path_rejected(setup, model_key):
+    # The key names a file in the cache directory, so a path in it would write elsewhere.
+    model, calibration = setup
+    with pytest.raises(ValueError, match="invalid model_key"):
+        analyze_or_load(model, model_key, calibration, 0, **SETTINGS)
+
