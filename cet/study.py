@@ -44,12 +44,27 @@ def analysis_cache_path(model_key: str, settings: dict) -> Path:
             f"invalid model_key {model_key!r}: it names the cache file, so it must be a non-empty name without "
             "path separators, such as the checkpoint file's stem"
         )
-    text = json.dumps({"version": _CACHE_VERSION, "model": model_key, **settings}, sort_keys=True)
+    key = {"version": _CACHE_VERSION, "model": model_key, **settings}
+    text = json.dumps(key, sort_keys=True, default=_json_setting)
     digest = hashlib.sha256(text.encode()).hexdigest()[:16]
     return cache_dir() / "analyses" / f"{model_key}-{digest}.pt"
 
 
+def _json_setting(value: object) -> str:
+    """Return the JSON form of a setting that ``json`` cannot write, such as ``dtype=torch.float64``."""
+    if isinstance(value, torch.dtype):
+        return str(value)
+    raise TypeError(
+        f"setting {value!r} of type {type(value).__name__} cannot be part of the cache key; "
+        "pass numbers, strings, booleans or a torch.dtype"
+    )
+
+
 def _key_settings(calibration: TensorDataset, calibration_seed: int, device: str | torch.device, settings: dict) -> dict:
+    reasons = {"seed": "calibration_seed seeds the analysis", "layers": "every quantizable layer is analysed"}
+    for name, reason in reasons.items():
+        if name in settings:
+            raise TypeError(f"{name} is not a setting of analyze_or_load: {reason}")
     return {
         "calibration_size": len(calibration),
         "calibration_seed": calibration_seed,
@@ -139,6 +154,10 @@ def analyze_or_load(
         settings: keyword arguments of :func:`analyze_layers` other than ``seed``, ``device`` and ``layers``
             (all layers are analysed).
         recompute: analyse again and replace the cached file.
+
+    Raises:
+        ValueError: ``model_key`` is empty or contains a path separator.
+        TypeError: ``settings`` contains ``seed`` or ``layers``, or a value that cannot be part of the key.
     """
     key_settings = _key_settings(calibration, calibration_seed, device, settings)
     path = analysis_cache_path(model_key, key_settings)

@@ -112,3 +112,22 @@ def test_model_key_with_path_rejected(setup, model_key):
     with pytest.raises(ValueError, match="invalid model_key"):
         analyze_or_load(model, model_key, calibration, 0, **SETTINGS)
 
+
+def test_dtype_setting_cached(setup, monkeypatch):
+    model, calibration = setup
+    first = analyze_or_load(model, "m", calibration, 0, dtype=torch.float64, **SETTINGS)
+    assert is_analysis_cached("m", calibration, 0, dtype=torch.float64, **SETTINGS)
+    assert not is_analysis_cached("m", calibration, 0, **SETTINGS)
+
+    def fail(*args, **kwargs):
+        raise AssertionError("analyze_layers ran on a cache hit")
+
+    monkeypatch.setattr(study, "analyze_layers", fail)
+    _assert_same(first, analyze_or_load(model, "m", calibration, 0, dtype=torch.float64, **SETTINGS))
+
+
+@pytest.mark.parametrize("setting", [{"seed": 1}, {"layers": {}}], ids=["seed", "layers"])
+def test_reserved_setting_rejected(setup, setting):
+    model, calibration = setup
+    with pytest.raises(TypeError, match=f"{next(iter(setting))} is not a setting of analyze_or_load"):
+        analyze_or_load(model, "m", calibration, 0, **setting, **SETTINGS)
