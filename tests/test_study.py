@@ -131,3 +131,16 @@ def test_reserved_setting_rejected(setup, setting):
     model, calibration = setup
     with pytest.raises(TypeError, match=f"{next(iter(setting))} is not a setting of analyze_or_load"):
         analyze_or_load(model, "m", calibration, 0, **setting, **SETTINGS)
+
+
+def test_cache_of_other_calibration_recomputed(setup, caplog):
+    # Same size and seed, but other samples: the key alone cannot tell the two sets apart.
+    model, calibration = setup
+    analyze_or_load(model, "m", calibration, 0, **SETTINGS)
+    generator = torch.Generator().manual_seed(5)
+    images = torch.randn(16, 1, 4, 4, generator=generator)
+    other = TensorDataset(images, torch.randint(0, 3, (16,), generator=generator))
+    with caplog.at_level(logging.WARNING, logger="cet.study"):
+        again = analyze_or_load(model, "m", other, 0, **SETTINGS)
+    assert "computed from another calibration set" in caplog.text
+    _assert_same(analyze_or_load(model, "m", other, 0, recompute=True, **SETTINGS), again)
