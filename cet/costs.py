@@ -194,6 +194,12 @@ def _check_analysis(name: str, analysis: LayerAnalysis) -> None:
             f"the surrogate of layer {name!r} has eigenvectors of length {surrogate.eigenvectors.shape[0]}, but the "
             f"analysis covers {analysis.num_weights} weights; analyse the layer again"
         )
+    if surrogate.eigenvectors.dim() != 2 or surrogate.eigenvalues.shape != (surrogate.eigenvectors.shape[1],):
+        raise ValueError(
+            f"the surrogate of layer {name!r} has eigenvalues of shape {tuple(surrogate.eigenvalues.shape)} and "
+            f"eigenvectors of shape {tuple(surrogate.eigenvectors.shape)}, but needs (k,) and (n, k); "
+            "analyse the layer again"
+        )
     scalars = torch.tensor([analysis.trace.mean, analysis.trace.standard_error, float(surrogate.rho)])
     tensors = [analysis.ritz_values, surrogate.eigenvalues, surrogate.eigenvectors, scalars]
     if not all(torch.isfinite(tensor).all() for tensor in tensors):

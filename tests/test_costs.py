@@ -241,6 +241,14 @@ def test_surrogate_of_other_size_raises(setup):
         cost_tables(["cet-rtn"], model, swapped, BITS, first_order_z=None)
 
 
+def test_surrogate_eigenvalue_count_mismatch_raises(setup):
+    model, _, analyses, _ = setup
+    damaged = copy.deepcopy(analyses)
+    damaged["3"].surrogate.eigenvalues = torch.ones(5, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"layer '3' has eigenvalues of shape \(5,\)"):
+        cost_tables(["cet-rtn"], model, damaged, BITS, first_order_z=None)
+
+
 def test_method_string_raises(setup):
     model, _, analyses, gradients = setup
     with pytest.raises(TypeError, match=r"pass a list of method names, such as \['cet'\]"):
