@@ -38,17 +38,36 @@ class Allocation:
 
 
 def compression_ratio(sizes: Sequence[int], bit_widths: Sequence[int]) -> float:
-    """Return R = 32 sum n_l / sum n_l b_l, the weight-compression ratio against float32."""
-    sizes = np.asarray(sizes, dtype=np.float64)
-    return FLOAT_BITS * sizes.sum() / float(np.dot(sizes, np.asarray(bit_widths, dtype=np.float64)))
+    """Return R = 32 sum n_l / sum n_l b_l, the weight-compression ratio against float32.
+
+    Raises:
+        ValueError: the two lists differ in length, or the layers have no weights to quantize.
+    """
+    sizes = np.asarray(sizes, dtype=np.float64).reshape(-1)
+    widths = np.asarray(bit_widths, dtype=np.float64).reshape(-1)
+    if len(sizes) != len(widths):
+        raise ValueError(f"got {len(sizes)} layer sizes but {len(widths)} bit widths; pass one bit width per layer")
+    quantized_bits = float(np.dot(sizes, widths))
+    if not quantized_bits > 0:
+        raise ValueError(
+            f"the layers have no weights to quantize (sizes {sizes.tolist()}, bit widths {widths.tolist()})"
+        )
+    return FLOAT_BITS * sizes.sum() / quantized_bits
 
 
 def reachable_ratios(bit_widths: Sequence[int]) -> tuple[float, float]:
     """Return the smallest and largest weight-compression ratios reachable with these bit widths."""
-    return FLOAT_BITS / max(bit_widths), FLOAT_BITS / min(bit_widths)
+    widths = _validate_bit_widths(bit_widths)
+    return FLOAT_BITS / max(widths), FLOAT_BITS / min(widths)
 
 
 def _validate_bit_widths(bit_widths: Sequence[int]) -> list[int]:
+    if isinstance(bit_widths, (set, frozenset)):
+        # The cost table's columns follow the order of the bit widths, which a set does not keep.
+        raise TypeError(
+            f"invalid bit widths {set(bit_widths)}: a set has no order, but the columns of the cost table follow "
+            f"the order of the bit widths; pass a list such as {sorted(bit_widths)}"
+        )
     widths = list(bit_widths)
     if not widths:
         raise ValueError("invalid bit widths: the list is empty; pass e.g. [2, 3, 4, 5, 6, 8]")
@@ -82,7 +101,9 @@ def allocate_bits(
 
     Raises:
         InfeasibleTargetError: the target lies outside the reachable range, which the message names.
-        ValueError: both targets or neither are given, shapes disagree, or costs are not finite.
+        ValueError: both targets or neither are given, a target is not a finite number, shapes disagree,
+            sizes are not whole numbers, or costs are complex, not finite or so large that their sums overflow.
+        TypeError: ``bit_widths`` is a set, whose order need not match the table's columns.
         RuntimeError: the solver failed for another reason.
     """
     if (target_ratio is None) == (tolerance is None):
@@ -91,17 +112,28 @@ def allocate_bits(
             f"got target_ratio={target_ratio!r}, tolerance={tolerance!r}"
         )
     widths = _validate_bit_widths(bit_widths)
+    if np.iscomplexobj(costs):
+        raise ValueError("cost table is complex; pass the real predicted loss changes")
     costs = np.asarray(costs, dtype=np.float64)
     sizes = np.asarray(sizes, dtype=np.float64)
     if sizes.ndim != 1 or len(sizes) == 0:
         raise ValueError(f"invalid layer sizes of shape {sizes.shape}: expected a non-empty 1-D list of weight counts")
-    if not np.isfinite(sizes).all() or (sizes < 0).any() or sizes.sum() <= 0:
-        raise ValueError(f"invalid layer sizes {sizes.tolist()}: each must be a finite, non-negative weight count, not all zero")
+    if not np.isfinite(sizes).all() or (sizes < 0).any() or sizes.sum() <= 0 or (sizes != np.round(sizes)).any():
+        raise ValueError(
+            f"invalid layer sizes {sizes.tolist()}: each must be a non-negative whole number of weights, not all zero"
+        )
     num_layers = len(sizes)
     if costs.shape != (num_layers, len(widths)):
         raise ValueError(f"cost table of shape {costs.shape} does not match {num_layers} layers by {len(widths)} bit widths")
     if not np.isfinite(costs).all():
         raise ValueError("cost table contains NaN or infinity; check the Hessian analysis of the offending layers")
+    # The solver set-up subtracts each layer's smallest cost from its row and sums costs over layers.
+    with np.errstate(over="ignore"):
+        overflows = not np.isfinite(2 * np.abs(costs).max(axis=1).sum())
+    if overflows:
+        raise ValueError(
+            "cost table entries are so large that their sums overflow float64; divide the costs by a common scale"
+        )
 
     if tolerance is not None:
         choice = _smallest_within_tolerance(costs, sizes, widths, tolerance)
@@ -119,8 +151,9 @@ def _total_cost(costs: np.ndarray, choice: np.ndarray) -> float:
 def _cheapest_within_ratio(costs: np.ndarray, sizes: np.ndarray, widths: list[int], target_ratio: float) -> np.ndarray:
     """Return the column of every layer that minimises the total cost within the compression target."""
     low, high = reachable_ratios(widths)
-    if not np.isfinite(target_ratio) or target_ratio <= 0:
-        raise ValueError(f"invalid target ratio {target_ratio}: must be a positive number")
+    if (isinstance(target_ratio, bool) or not isinstance(target_ratio, numbers.Real) or not np.isfinite(target_ratio)
+            or target_ratio <= 0):
+        raise ValueError(f"invalid target ratio {target_ratio!r}: must be a finite positive number, such as 8.0")
     budget = FLOAT_BITS * sizes.sum() / target_ratio
     if target_ratio > high * (1 + 1e-12):
         raise InfeasibleTargetError(

@@ -19,6 +19,7 @@ whose noisy estimate happened to be negative.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -71,8 +72,20 @@ def gradient_statistics(
 
     The model runs in eval mode, so BatchNorm uses its running statistics. The chunks' mean is the
     gradient on the whole set when it divides evenly.
+
+    Raises:
+        ValueError: a layer in ``layers`` is not a module of ``model``, or ``num_chunks`` is not between 2
+            and the calibration size.
     """
     images, labels = calibration.tensors
+    own_modules = {id(module) for module in model.modules()}
+    for name, layer in layers.items():
+        if id(layer) not in own_modules:
+            # The loss does not depend on a layer outside the model, so its gradient would read as zero.
+            raise ValueError(
+                f"layer {name!r} is not a module of the model; pass the model's own layers, "
+                "for example from quantizable_layers(model)"
+            )
     if not 2 <= num_chunks <= len(labels):
         raise ValueError(f"invalid num_chunks {num_chunks}: need 2 to {len(labels)} (the calibration size)")
     was_training = model.training
@@ -110,7 +123,15 @@ def cost_tables(
             and round-to-nearest elsewhere.
         first_order_z: the CET methods add g^T d where |g^T d| exceeds this many standard errors;
             None leaves the term out.
+
+    Raises:
+        ValueError: ``first_order_z`` is negative or NaN, an analysis does not fit the model's layer or
+            contains NaN or infinity, the gradient statistics lack a layer or do not fit it, or rounded codes
+            do not fit the layer and bit width they are filed under.
+        TypeError: ``methods`` is a string, or a rounded entry is not a QuantizedTensor.
     """
+    if isinstance(methods, str):
+        raise TypeError(f"methods is the string {methods!r}; pass a list of method names, such as [{methods!r}]")
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown method {unknown[0]!r}: expected one of {', '.join(METHODS)}")
@@ -118,6 +139,11 @@ def cost_tables(
     if needs_gradients and gradients is None:
         raise ValueError("these methods need gradient statistics: pass gradients=gradient_statistics(...) "
                          "or first_order_z=None and no 'first-order' method")
+    if first_order_z is not None and not (isinstance(first_order_z, numbers.Real) and first_order_z >= 0):
+        raise ValueError(
+            f"invalid first_order_z {first_order_z!r}: must be a non-negative number of standard errors, or None "
+            "to leave the first-order term out"
+        )
     bit_widths = _validate_bit_widths(bit_widths)
     rounded = rounded or {}
     modules = dict(model.named_modules())
@@ -130,6 +156,14 @@ def cost_tables(
                 f"the analysis of layer {name!r} covers {analyses[name].num_weights} weights, but the model has "
                 f"{found}; pass the model that was analysed"
             )
+    for name in names:
+        _check_analysis(name, analyses[name])
+        if needs_gradients:
+            _check_gradients(gradients, name, analyses[name].num_weights)
+        if "cet" in methods:
+            for bits in bit_widths:
+                if (name, bits) in rounded:
+                    _check_rounded_codes(rounded[(name, bits)], name, bits, modules[name].weight.shape)
     shape = (len(names), len(bit_widths))
     tables = {m: CostTable(m, names, list(bit_widths), np.zeros(shape), np.zeros(shape)) for m in methods}
     for row, name in enumerate(names):
@@ -150,6 +184,65 @@ def cost_tables(
                 table.costs[row, column] = value
                 table.standard_errors[row, column] = standard_error
     return tables
+
+
+def _check_analysis(name: str, analysis: LayerAnalysis) -> None:
+    """Raise ValueError if the analysis of layer ``name`` is inconsistent or contains NaN or infinity."""
+    surrogate = analysis.surrogate
+    if surrogate.eigenvectors.shape[0] != analysis.num_weights:
+        raise ValueError(
+            f"the surrogate of layer {name!r} has eigenvectors of length {surrogate.eigenvectors.shape[0]}, but the "
+            f"analysis covers {analysis.num_weights} weights; analyse the layer again"
+        )
+    if surrogate.eigenvectors.dim() != 2 or surrogate.eigenvalues.shape != (surrogate.eigenvectors.shape[1],):
+        raise ValueError(
+            f"the surrogate of layer {name!r} has eigenvalues of shape {tuple(surrogate.eigenvalues.shape)} and "
+            f"eigenvectors of shape {tuple(surrogate.eigenvectors.shape)}, but needs (k,) and (n, k); "
+            "analyse the layer again"
+        )
+    scalars = torch.tensor([analysis.trace.mean, analysis.trace.standard_error, float(surrogate.rho)])
+    tensors = [analysis.ritz_values, surrogate.eigenvalues, surrogate.eigenvectors, scalars]
+    if not all(torch.isfinite(tensor).all() for tensor in tensors):
+        # A NaN cost would only be caught by the allocator, which cannot name the layer.
+        raise ValueError(
+            f"the analysis of layer {name!r} contains NaN or infinity; check the model's loss on the calibration "
+            "set and analyse the layer again"
+        )
+
+
+def _check_gradients(gradients: GradientStatistics, name: str, num_weights: int) -> None:
+    """Raise ValueError unless ``gradients`` has at least two finite chunk gradients of layer ``name``."""
+    chunks = gradients.chunk_gradients.get(name)
+    if chunks is None:
+        raise ValueError(
+            f"the gradient statistics contain no gradient of layer {name!r}; compute them with "
+            "gradient_statistics() for the analysed layers"
+        )
+    # With one chunk the standard error is NaN, and the significance test would drop the term silently.
+    if chunks.dim() != 2 or chunks.shape[0] < 2 or chunks.shape[1] != num_weights:
+        raise ValueError(
+            f"the chunk gradients of layer {name!r} have shape {tuple(chunks.shape)}, but the analysis needs "
+            f"(chunks, {num_weights}) with at least 2 chunks; compute them for this model with gradient_statistics()"
+        )
+    if not torch.isfinite(chunks).all():
+        raise ValueError(
+            f"the chunk gradients of layer {name!r} contain NaN or infinity; "
+            "check the model's loss on the calibration set"
+        )
+
+
+def _check_rounded_codes(codes: object, name: str, bits: int, shape: Sequence[int]) -> None:
+    """Raise unless ``codes``, filed under (``name``, ``bits``), are ``bits``-bit codes for a weight of ``shape``."""
+    key = (name, bits)
+    if not isinstance(codes, QuantizedTensor):
+        raise TypeError(
+            f"rounded[{key!r}] is a {type(codes).__name__}; expected a QuantizedTensor, as round_layers returns"
+        )
+    if codes.bits != bits:
+        raise ValueError(
+            f"rounded[{key!r}] has {codes.bits}-bit codes; file each rounding under the bit width it was rounded to"
+        )
+    codes.validate(shape, f"layer {name!r}")
 
 
 def _price(

@@ -13,10 +13,12 @@ from torch import nn
 from torch.utils.data import TensorDataset
 from tqdm import tqdm
 
-from .allocate import FLOAT_BITS, allocate_bits, compression_ratio
+from .allocate import FLOAT_BITS, _validate_bit_widths, allocate_bits, compression_ratio
 from .analysis import LayerAnalysis
-from .costs import CostTable, cost_table
-from .quantize import QuantizedTensor, apply_quantized, channel_axis, quantize_layers, quantize_model
+from .costs import CostTable, _check_rounded_codes, cost_table
+from .quantize import (
+    QuantizedTensor, _check_bits, _weight_layer, apply_quantized, channel_axis, quantize_layers, quantize_model,
+)
 from .rounding import major_axis_round
 from .training import evaluate
 
@@ -51,13 +53,20 @@ def model_compression_ratio(model: nn.Module, bit_widths: dict[str, int]) -> flo
 
     Quantized weights count b bits each plus one float32 scale per output channel; every other floating
     tensor (biases, BatchNorm parameters and statistics) counts 32 bits. Integer buffers are ignored.
+
+    Raises:
+        KeyError: a name in ``bit_widths`` is not a module of the model.
+        TypeError: the named module is not a convolution or a linear layer.
+        ValueError: a bit width is not an integer from 2 to 16.
     """
     modules = dict(model.named_modules())
     quantized_bits = 0.0
     quantized_names = set()
     for name, bits in bit_widths.items():
-        weight = modules[name].weight
-        channels = weight.shape[channel_axis(modules[name])]
+        module = _weight_layer(modules, name)
+        _check_bits(bits, f"layer {name!r}")
+        weight = module.weight
+        channels = weight.shape[channel_axis(module)]
         quantized_bits += weight.numel() * bits + channels * FLOAT_BITS
         quantized_names.add(f"{name}.weight" if name else "weight")
     float_values = sum(t.numel() for t in model.state_dict().values() if t.is_floating_point())
@@ -138,9 +147,11 @@ class RoundingRecord:
 def calibration_loss(model: nn.Module, calibration: TensorDataset, batch_size: int = 256,
                      device: str | torch.device = "cpu") -> float:
     """Return the mean cross-entropy of ``model`` (in eval mode) on ``calibration``."""
+    images, labels = calibration.tensors
+    if len(labels) == 0:
+        raise ValueError("the calibration set is empty; pass at least one sample")
     was_training = model.training
     model.eval()
-    images, labels = calibration.tensors
     total = 0.0
     for start in range(0, len(labels), batch_size):
         logits = model(images[start:start + batch_size].to(device))
@@ -162,12 +173,19 @@ def round_layers(
     A rounding is accepted only when both its surrogate cost and the measured calibration loss (with
     that layer alone quantized) are no worse than round-to-nearest's. Returns the accepted codes, keyed
     by (layer, bits), and a record of every comparison.
+
+    Raises:
+        KeyError: a layer of ``analyses`` is not a module of the model.
+        TypeError: the named module is not a convolution or a linear layer.
+        ValueError: the bit widths are empty, repeat or lie outside 2 to 16, or an analysis does not fit its layer.
     """
+    bit_widths = _validate_bit_widths(bit_widths)
     modules = dict(model.named_modules())
+    layers = {name: _weight_layer(modules, name) for name in analyses}
     accepted: dict[tuple[str, int], QuantizedTensor] = {}
     records = []
     for name in tqdm(analyses, desc="major-axis rounding", unit="layer"):
-        module = modules[name]
+        module = layers[name]
         original = module.weight.detach().clone()
 
         def loss_with(codes: QuantizedTensor) -> float:
@@ -191,7 +209,13 @@ def round_layers(
 
 
 def pareto_front(table: CostTable, sizes: Sequence[int], ratios: Sequence[float]) -> list[dict]:
-    """Allocate at every ratio and return each point: target, achieved ratio, predicted cost and bits."""
+    """Allocate at every ratio and return each point: target, achieved ratio, predicted cost and bits.
+
+    Raises:
+        ValueError: the table's layer names, costs and standard errors disagree, or an allocation fails
+            (see :func:`cet.allocate.allocate_bits`).
+    """
+    _check_cost_table(table)
     front = []
     for target in ratios:
         allocation = allocate_bits(table.costs, sizes, table.bit_widths, float(target))
@@ -208,13 +232,38 @@ def pareto_front(table: CostTable, sizes: Sequence[int], ratios: Sequence[float]
     return front
 
 
+def _check_cost_table(table: CostTable) -> None:
+    """Raise ValueError unless the table has one distinct layer name per row and errors shaped like its costs."""
+    costs_shape = np.shape(table.costs)
+    rows = costs_shape[0] if costs_shape else 0
+    if len(table.layers) != rows:
+        raise ValueError(f"cost table {table.method!r} has {len(table.layers)} layer names for {rows} rows of costs")
+    if len(set(table.layers)) != len(table.layers):
+        raise ValueError(
+            f"cost table {table.method!r}: layer names repeat in {table.layers}; each row must price another layer"
+        )
+    if np.shape(table.standard_errors) != costs_shape:
+        raise ValueError(
+            f"cost table {table.method!r} has standard errors of shape {np.shape(table.standard_errors)} "
+            f"but costs of shape {costs_shape}"
+        )
+
+
 def layer_codes(
     model: nn.Module, bit_widths: dict[str, int], rounded: dict[tuple[str, int], QuantizedTensor] | None = None
 ) -> dict[str, QuantizedTensor]:
-    """Return each listed layer's codes: from ``rounded`` where it has (layer, bits), else round-to-nearest."""
+    """Return each listed layer's codes: from ``rounded`` where it has (layer, bits), else round-to-nearest.
+
+    Raises:
+        KeyError, TypeError, ValueError: as :func:`cet.quantize.quantize_layers`.
+        TypeError: a rounded entry is not a QuantizedTensor.
+        ValueError: rounded codes do not fit their layer's shape or the bit width they are filed under.
+    """
     codes = quantize_layers(model, bit_widths)
+    modules = dict(model.named_modules())
     for name, bits in bit_widths.items():
         if rounded and (name, bits) in rounded:
+            _check_rounded_codes(rounded[(name, bits)], name, bits, modules[name].weight.shape)
             codes[name] = rounded[(name, bits)]
     return codes
 
@@ -244,7 +293,7 @@ def run_study(
     measured: dict[tuple, float] = {}
     runs = []
     for method, table in tables.items():
-        sizes = [modules[n].weight.numel() for n in table.layers]
+        sizes = [_weight_layer(modules, n).weight.numel() for n in table.layers]
         codes = rounded if method == "cet" else None
         for point in tqdm(pareto_front(table, sizes, target_ratios), desc=f"{method} (seed {seed})", unit="target"):
             bit_widths = point["bit_widths"]

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from .io import save_atomic
-from .quantize import MAX_BITS, MIN_BITS, QuantizedTensor, _weight_layer
+from .quantize import MAX_BITS, MIN_BITS, QuantizedTensor, _check_quantized_tensor, _weight_layer
 
 __all__ = [
     "FORMAT_NAME", "FORMAT_VERSION", "PackedFileError", "PackedFileInfo", "load_packed", "pack_codes", "save_packed", "unpack_codes",
@@ -127,17 +127,33 @@ def save_packed(
 
     Raises:
         KeyError: a name in ``quantized`` is not a module of the model.
-        TypeError: the named module is not a convolution or a linear layer.
-        ValueError: codes or scales do not fit their layer, a scale is not float32, or the metadata
-            contains a type that ``torch.load(weights_only=True)`` cannot read.
+        TypeError: the named module is not a convolution or a linear layer, or an entry is not a QuantizedTensor.
+        ValueError: codes or scales do not fit their layer, a scale is not float32, a quantized weight is
+            tied to another state-dict entry, or the metadata contains a type that
+            ``torch.load(weights_only=True)`` cannot read.
     """
     metadata = {} if metadata is None else metadata
     _check_plain(metadata, "metadata")
     modules = dict(model.named_modules())
     state = {key: value.detach() for key, value in model.state_dict().items()}
+    keys_by_storage: dict[int, list[str]] = {}
+    for key, value in state.items():
+        if value.untyped_storage().nbytes():
+            keys_by_storage.setdefault(value.untyped_storage().data_ptr(), []).append(key)
     layers = {}
     for name, q in quantized.items():
         module = _weight_layer(modules, name)
+        _check_quantized_tensor(q, name)
+        key = _weight_key(name)
+        # The state dict lists a tied weight under every name. The float copy under another name would be
+        # stored and, on loading, overwrite the quantized weight.
+        same_storage = keys_by_storage.get(module.weight.untyped_storage().data_ptr(), [])
+        shared = [other for other in same_storage if other != key]
+        if shared:
+            raise ValueError(
+                f"layer {name!r} shares its weight with {', '.join(shared)} (tied weights), which a packed file "
+                "cannot store; untie the weights or leave the layer unquantized"
+            )
         q.validate(module.weight.shape, f"layer {name!r}")
         if q.scale.dtype != torch.float32:
             raise ValueError(
@@ -151,7 +167,7 @@ def save_packed(
             "codes": pack_codes(q.codes, int(q.bits)),
             "scale": q.scale.detach().reshape(-1).cpu().clone(),
         }
-        del state[f"{name}.weight"]
+        del state[key]
 
     payload = {
         "format": FORMAT_NAME,
@@ -192,11 +208,17 @@ def load_packed(path: str | os.PathLike, model: nn.Module) -> nn.Module:
     ``load_state_dict(strict=True)``.
 
     Raises:
+        TypeError: ``model`` is not an ``nn.Module`` instance.
         FileNotFoundError: ``path`` does not exist.
         PackedFileError: the file is not a packed model, has another format version, or is damaged
             (truncated, packed codes of the wrong length, missing fields).
         ValueError: the model's state-dict keys or shapes differ from the file's; the message lists them.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"model must be an nn.Module instance of the saved architecture, got {model!r}; "
+            "construct it first, for example torchvision.models.resnet34()"
+        )
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"packed model file {path} not found")
@@ -224,7 +246,7 @@ def load_packed(path: str | os.PathLike, model: nn.Module) -> nn.Module:
         if not all(isinstance(value, torch.Tensor) for value in state.values()):
             raise TypeError("a state-dict entry is not a tensor")
         for name, layer in layers.items():
-            state[f"{name}.weight"] = _dequantize_layer(layer)
+            state[_weight_key(name)] = _dequantize_layer(layer)
     except (KeyError, TypeError, AttributeError) as error:
         raise PackedFileError(f"{path} lacks a field or has one of the wrong type ({error!r}); the file is damaged") from error
     except PackedFileError as error:
@@ -234,6 +256,11 @@ def load_packed(path: str | os.PathLike, model: nn.Module) -> nn.Module:
     with torch.no_grad():
         model.load_state_dict(state, strict=True)
     return model
+
+
+def _weight_key(name: str) -> str:
+    """Return the state-dict key of the weight of layer ``name``; the model itself is the layer named ''."""
+    return f"{name}.weight" if name else "weight"
 
 
 def _check_archive(path: Path) -> None:

@@ -16,6 +16,12 @@ __all__ = ["save_atomic", "write_json_atomic"]
 
 def _write_atomic(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
     path = Path(path)
+    # os.replace would fail only after the whole temporary file was written, naming that file.
+    if path.is_dir():
+        raise IsADirectoryError(f"cannot write {path.resolve()}: it is a directory; name a file inside it")
+    for parent in reversed(path.parents):
+        if parent.exists() and not parent.is_dir():
+            raise NotADirectoryError(f"cannot write {path}: {parent} is a file, not a directory")
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".partial")
     try:

@@ -75,6 +75,15 @@ class QuantizedTensor:
             raise ValueError(f"scale of {name} contains a value that is not finite and positive")
 
 
+def _check_quantized_tensor(value: object, name: str) -> None:
+    """Raise TypeError unless ``value``, the entry of layer ``name``, is a QuantizedTensor."""
+    if not isinstance(value, QuantizedTensor):
+        raise TypeError(
+            f"quantized[{name!r}] is a {type(value).__name__}; expected a QuantizedTensor, "
+            "for example from quantize_layers(model, bit_widths)"
+        )
+
+
 def _check_bits(bits: object, name: str | None = None) -> None:
     if isinstance(bits, bool) or not isinstance(bits, numbers.Integral) or not MIN_BITS <= bits <= MAX_BITS:
         where = f" for {name}" if name else ""
@@ -170,13 +179,14 @@ def apply_quantized(model: nn.Module, quantized: Mapping[str, QuantizedTensor]) 
 
     Raises:
         KeyError: a name in ``quantized`` is not a module of the model.
-        TypeError: the named module is not a convolution or a linear layer.
+        TypeError: the named module is not a convolution or a linear layer, or an entry is not a QuantizedTensor.
         ValueError: codes or scales do not fit the layer's weight (shape, bit range, scale shape).
     """
     result = copy.deepcopy(model)
     modules = dict(result.named_modules())
     layers = {name: _weight_layer(modules, name) for name in quantized}
     for name, q in quantized.items():
+        _check_quantized_tensor(q, name)
         q.validate(layers[name].weight.shape, f"layer {name!r}")
     for name, q in quantized.items():
         layers[name].weight.copy_(q.dequantize())

@@ -95,6 +95,11 @@ def major_axis_round(
             f"surrogate has eigenvectors of length {vectors.shape[0]} but the weight has {num_weights} entries; "
             "pass the surrogate of this layer"
         )
+    if vectors.dim() != 2 or surrogate.eigenvalues.shape != (vectors.shape[1],):
+        raise ValueError(
+            f"surrogate has eigenvalues of shape {tuple(surrogate.eigenvalues.shape)} and eigenvectors of shape "
+            f"{tuple(vectors.shape)}, but needs (k,) and (n, k); pass the Ritz pairs of one Lanczos run"
+        )
     if gradient is not None and gradient.numel() != num_weights:
         raise ValueError(f"gradient has {gradient.numel()} entries but the weight has {num_weights}")
     surrogate_finite = (torch.isfinite(surrogate.eigenvalues).all() and torch.isfinite(vectors).all()

@@ -116,6 +116,14 @@ def test_invalid_bit_widths_raise(bit_widths):
         allocate_bits(costs, [10, 20], bit_widths, 4.0)
 
 
+def test_set_of_bit_widths_rejected():
+    # A set's iteration order need not follow the cost table's columns ({2, 4, 8} iterates as 8, 2, 4).
+    costs = np.array([[0.0, 1.0, 2.0]])
+
+    with pytest.raises(TypeError, match="a set has no order"):
+        allocate_bits(costs, [10], {2, 4, 8}, 4.0)
+
+
 def test_numpy_integer_bit_widths_accepted():
     allocation = allocate_bits(np.zeros((1, 2)), [10], np.array([2, 8]), 16.0)
 
@@ -137,10 +145,35 @@ def test_nonfinite_costs_raise(bad_value):
         allocate_bits(costs, [10, 20], BIT_WIDTHS, 4.0)
 
 
-@pytest.mark.parametrize("target", [0.0, -2.0, np.nan, np.inf])
+@pytest.mark.parametrize("target", [0.0, -2.0, np.nan, np.inf, "8", [8.0], 8 + 0j, True])
 def test_invalid_target_raises(target):
     with pytest.raises(ValueError, match="invalid target ratio"):
         allocate_bits(np.zeros((2, 3)), [10, 20], BIT_WIDTHS, target)
+
+
+def test_complex_costs_raise():
+    # Converting to float64 would drop the imaginary parts with only a warning.
+    costs = np.zeros((2, 3), dtype=complex)
+    costs[0, 1] = 1j
+
+    with pytest.raises(ValueError, match="complex"):
+        allocate_bits(costs, [10, 20], BIT_WIDTHS, 4.0)
+
+
+@pytest.mark.parametrize("tolerance", [None, 1.0])
+def test_cost_range_overflow_raises(tolerance):
+    # Each entry is finite, but differences and sums of them overflow float64 inside the solver set-up.
+    costs = np.array([[1e308, 0.0, -1e308], [1e308, 1e308, 1e308]])
+    target = 4.0 if tolerance is None else None
+
+    with pytest.raises(ValueError, match="overflow"):
+        allocate_bits(costs, [10, 20], BIT_WIDTHS, target, tolerance=tolerance)
+
+
+@pytest.mark.parametrize("sizes", [[1.5, 20], [10, 20.25]])
+def test_fractional_sizes_raise(sizes):
+    with pytest.raises(ValueError, match="invalid layer sizes"):
+        allocate_bits(np.zeros((2, 3)), sizes, BIT_WIDTHS, 4.0)
 
 
 def test_compression_ratio_hand_example():
@@ -155,6 +188,22 @@ def test_compression_ratio_uniform():
 def test_reachable_ratios_hand_example():
     assert reachable_ratios([2, 4, 8]) == (4.0, 16.0)
     assert reachable_ratios([8, 3, 5]) == (4.0, 32 / 3)
+
+
+def test_compression_ratio_length_mismatch_raises():
+    with pytest.raises(ValueError, match="3 layer sizes but 2 bit widths"):
+        compression_ratio([100, 200, 300], [8, 4])
+
+
+def test_compression_ratio_without_weights_raises():
+    with pytest.raises(ValueError, match="no weights"):
+        compression_ratio([0, 0], [8, 4])
+
+
+@pytest.mark.parametrize("bit_widths", [[], [0, 4], [4, 40]])
+def test_reachable_ratios_invalid_bits_raise(bit_widths):
+    with pytest.raises(ValueError, match="invalid bit width"):
+        reachable_ratios(bit_widths)
 
 
 def test_wide_cost_range_matches_brute_force():

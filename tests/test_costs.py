@@ -1,5 +1,7 @@
 """Cost tables of every method, the first-order statistics, and the allocation study helpers."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -8,10 +10,12 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from cet.analysis import analyze_layers
-from cet.costs import METHODS, cost_table, cost_tables, gradient_statistics
-from cet.experiment import calibration_loss, pareto_front, quantize_with_codes, round_layers, run_study
+from cet.costs import METHODS, CostTable, GradientStatistics, cost_table, cost_tables, gradient_statistics
+from cet.experiment import (
+    calibration_loss, layer_codes, model_compression_ratio, pareto_front, quantize_with_codes, round_layers, run_study,
+)
 from cet.models import quantizable_layers
-from cet.quantize import quantization_error, quantize_model
+from cet.quantize import quantization_error, quantize_layers, quantize_model
 
 BITS = [2, 3, 4, 8]
 
@@ -179,3 +183,154 @@ def test_invalid_bit_widths_raise(setup, bits, message):
     with pytest.raises(ValueError, match=message):
         cost_tables(["hawq-v1"], model, analyses, bits, first_order_z=None)
 
+
+def test_rounded_codes_of_other_bits_raise(setup):
+    # 4-bit codes filed under 2 bits would be priced as the 2-bit entry.
+    model, _, analyses, _ = setup
+    four_bit = quantize_layers(model, {"0": 4})["0"]
+    with pytest.raises(ValueError, match=r"rounded\[\('0', 2\)\] has 4-bit codes"):
+        cost_tables(["cet"], model, analyses, BITS, rounded={("0", 2): four_bit}, first_order_z=None)
+
+
+def test_rounded_codes_of_other_layer_raise(setup):
+    model, _, analyses, _ = setup
+    other_layer = quantize_layers(model, {"3": 2})["3"]
+    with pytest.raises(ValueError, match=r"codes of shape \(6, 4, 3, 3\) do not match"):
+        cost_tables(["cet"], model, analyses, BITS, rounded={("0", 2): other_layer}, first_order_z=None)
+
+
+def test_rounded_plain_tensor_raises(setup):
+    model, _, analyses, _ = setup
+    with pytest.raises(TypeError, match="QuantizedTensor"):
+        cost_tables(["cet"], model, analyses, BITS, rounded={("0", 2): torch.zeros(4, 1, 3, 3)}, first_order_z=None)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda chunks: {("x" + name): value for name, value in chunks.items()}, "no gradient of layer '0'"),
+    (lambda chunks: {name: value[:, :5] for name, value in chunks.items()}, r"shape \(4, 5\)"),
+    (lambda chunks: {name: value[:1] for name, value in chunks.items()}, r"shape \(1, 36\)"),
+    (lambda chunks: {name: value * float("nan") for name, value in chunks.items()}, "NaN or infinity"),
+], ids=["other-layers", "short", "one-chunk", "nan"])
+def test_invalid_gradients_raise(setup, change, message):
+    model, _, analyses, gradients = setup
+    broken = GradientStatistics(change(gradients.chunk_gradients))
+    for method in ["cet", "first-order"]:
+        with pytest.raises(ValueError, match=message):
+            cost_tables([method], model, analyses, BITS, broken)
+
+
+@pytest.mark.parametrize("method, damage", [
+    ("hawq-v1", lambda a: a.ritz_values.__setitem__(0, float("nan"))),
+    ("hawq-v2", lambda a: setattr(a, "trace", type(a.trace)(float("nan"), 0.0, 2))),
+    ("cet-rtn", lambda a: a.surrogate.eigenvalues.__setitem__(0, float("nan"))),
+    ("cet-rtn", lambda a: setattr(a.surrogate, "rho", float("inf"))),
+], ids=["ritz-value", "trace", "eigenvalue", "rho"])
+def test_nonfinite_analysis_raises(setup, method, damage):
+    model, _, analyses, _ = setup
+    damaged = copy.deepcopy(analyses)
+    damage(damaged["3"])
+    with pytest.raises(ValueError, match="analysis of layer '3' contains NaN or infinity"):
+        cost_tables([method], model, damaged, BITS, first_order_z=None)
+
+
+def test_surrogate_of_other_size_raises(setup):
+    model, _, analyses, _ = setup
+    swapped = copy.deepcopy(analyses)
+    swapped["3"].surrogate = analyses["0"].surrogate
+    with pytest.raises(ValueError, match="surrogate of layer '3' has eigenvectors of length 36"):
+        cost_tables(["cet-rtn"], model, swapped, BITS, first_order_z=None)
+
+
+def test_surrogate_eigenvalue_count_mismatch_raises(setup):
+    model, _, analyses, _ = setup
+    damaged = copy.deepcopy(analyses)
+    damaged["3"].surrogate.eigenvalues = torch.ones(5, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"layer '3' has eigenvalues of shape \(5,\)"):
+        cost_tables(["cet-rtn"], model, damaged, BITS, first_order_z=None)
+
+
+def test_method_string_raises(setup):
+    model, _, analyses, gradients = setup
+    with pytest.raises(TypeError, match=r"pass a list of method names, such as \['cet'\]"):
+        cost_tables("cet", model, analyses, BITS, gradients)
+
+
+@pytest.mark.parametrize("first_order_z", [-1.0, float("nan"), "2"])
+def test_invalid_first_order_z_raises(setup, first_order_z):
+    model, _, analyses, gradients = setup
+    with pytest.raises(ValueError, match="invalid first_order_z"):
+        cost_tables(["cet"], model, analyses, BITS, gradients, first_order_z=first_order_z)
+
+
+def test_gradients_of_foreign_layer_raise(setup):
+    # A layer outside the model gets no gradient, which would be reported as zero.
+    model, calibration, _, _ = setup
+    copied = copy.deepcopy(model)
+    with pytest.raises(ValueError, match="layer '3' is not a module of the model"):
+        gradient_statistics(model, calibration, {"3": copied[3]}, num_chunks=2)
+
+
+def test_layer_codes_of_other_bits_raise(setup):
+    # The plan requests 2 bits, so returning the 4-bit codes filed there would change the model's size.
+    model, _, _, _ = setup
+    four_bit = quantize_layers(model, {"0": 4})["0"]
+    with pytest.raises(ValueError, match=r"rounded\[\('0', 2\)\] has 4-bit codes"):
+        layer_codes(model, {"0": 2}, {("0", 2): four_bit})
+
+
+def test_layer_codes_of_other_shape_raise(setup):
+    model, _, _, _ = setup
+    other_layer = quantize_layers(model, {"3": 2})["3"]
+    with pytest.raises(ValueError, match=r"codes of shape \(6, 4, 3, 3\) do not match"):
+        layer_codes(model, {"0": 2}, {("0", 2): other_layer})
+
+
+def test_layer_codes_plain_tensor_raises(setup):
+    model, _, _, _ = setup
+    with pytest.raises(TypeError, match="QuantizedTensor"):
+        layer_codes(model, {"0": 2}, {("0", 2): torch.zeros(4, 1, 3, 3)})
+
+
+def test_round_layers_names_bad_layers(setup):
+    model, calibration, analyses, _ = setup
+    with pytest.raises(KeyError, match="layer 'missing' not found"):
+        round_layers(model, {"missing": analyses["0"]}, BITS, calibration)
+    with pytest.raises(TypeError, match="layer '2' is a ReLU"):
+        round_layers(model, {"2": analyses["0"]}, BITS, calibration)
+
+
+def test_round_layers_repeated_bits_raise(setup):
+    model, calibration, analyses, _ = setup
+    with pytest.raises(ValueError, match="each may appear only once"):
+        round_layers(model, analyses, [4, 4], calibration)
+
+
+def test_empty_calibration_raises(setup):
+    model, _, _, _ = setup
+    empty = TensorDataset(torch.zeros(0, 1, 6, 6), torch.zeros(0, dtype=torch.long))
+    with pytest.raises(ValueError, match="calibration set is empty"):
+        calibration_loss(model, empty)
+
+
+def test_model_compression_ratio_bad_layers(setup):
+    model, _, _, _ = setup
+    with pytest.raises(KeyError, match="layer 'missing' not found"):
+        model_compression_ratio(model, {"missing": 4})
+    with pytest.raises(TypeError, match="layer '2' is a ReLU"):
+        model_compression_ratio(model, {"2": 4})
+    with pytest.raises(ValueError, match="invalid bit width 0"):
+        model_compression_ratio(model, {"0": 0})
+
+
+@pytest.mark.parametrize("layers, errors_shape, message", [
+    (["0", "3"], (3, 4), "2 layer names for 3 rows"),
+    (["0", "0", "7"], (3, 4), "layer names repeat"),
+    (["0", "3", "7"], (1, 4), r"standard errors of shape \(1, 4\)"),
+], ids=["short", "repeated", "errors-shape"])
+def test_pareto_front_malformed_table_raises(setup, layers, errors_shape, message):
+    model, _, analyses, gradients = setup
+    table = cost_tables(["hawq-v2"], model, analyses, BITS, gradients)["hawq-v2"]
+    sizes = [a.num_weights for a in analyses.values()]
+    broken = CostTable(table.method, layers, table.bit_widths, table.costs, np.zeros(errors_shape))
+    with pytest.raises(ValueError, match=message):
+        pareto_front(broken, sizes, [8])

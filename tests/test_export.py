@@ -381,3 +381,57 @@ def test_invalid_metadata_raises(tmp_path, metadata):
 
     with pytest.raises(ValueError, match="invalid (value|key)"):
         save_packed(model, quantize_layers(model, {"conv": 4}), tmp_path / "x.pt", metadata)
+
+
+class TiedLinears(nn.Module):
+    """Two linear layers that share one weight tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = nn.Linear(4, 4)
+        self.second = nn.Linear(4, 4)
+        self.second.weight = self.first.weight
+
+    def forward(self, x):
+        return self.second(self.first(x))
+
+
+def test_tied_weight_raises(tmp_path):
+    # The file would keep the float copy under the other name, and loading it would undo the quantization.
+    torch.manual_seed(0)
+    model = TiedLinears()
+    path = tmp_path / "tied.pt"
+
+    with pytest.raises(ValueError, match=r"layer 'first' shares its weight with second\.weight"):
+        save_packed(model, quantize_layers(model, {"first": 3}), path)
+    assert not path.exists()
+
+
+def test_root_layer_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Linear(6, 3)
+    quantized = quantize_layers(model, {"": 4})
+    path = tmp_path / "linear.pt"
+
+    save_packed(model, quantized, path)
+    loaded = load_packed(path, nn.Linear(6, 3))
+
+    assert_same_state(loaded, apply_quantized(model, quantized))
+
+
+def test_plain_tensor_codes_raise(tmp_path):
+    model = small_conv_net()
+
+    with pytest.raises(TypeError, match=r"quantized\['conv'\] is a Tensor"):
+        save_packed(model, {"conv": torch.zeros(4, 3, 3, 3)}, tmp_path / "x.pt")
+    assert not (tmp_path / "x.pt").exists()
+
+
+@pytest.mark.parametrize("target", [None, SmallConvNet], ids=["none", "class"])
+def test_load_into_non_module_raises(tmp_path, target):
+    model = small_conv_net()
+    path = tmp_path / "model.pt"
+    save_packed(model, quantize_layers(model, {"conv": 4}), path)
+
+    with pytest.raises(TypeError, match="model must be an nn.Module instance"):
+        load_packed(path, target)

@@ -96,3 +96,26 @@ def test_failed_save_keeps_old_file(tmp_path):
     assert path.read_bytes() == OLD_CONTENT
     assert partial_files(tmp_path) == []
     assert sorted(p.name for p in tmp_path.iterdir()) == ["state.pt"]
+
+
+@pytest.mark.parametrize("name", ["folder", ""], ids=["folder", "empty"])
+def test_directory_path_raises_before_writing(tmp_path, monkeypatch, name):
+    # An empty path is the current directory.
+    (tmp_path / "folder").mkdir()
+    monkeypatch.chdir(tmp_path)
+
+    with pytest.raises(IsADirectoryError, match="is a directory; name a file inside it"):
+        save_atomic({"weight": torch.ones(2)}, name)
+
+    assert partial_files(tmp_path) == []
+    assert partial_files(tmp_path / "folder") == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder"]
+
+
+def test_file_as_parent_raises(tmp_path):
+    (tmp_path / "results").write_bytes(OLD_CONTENT)
+
+    with pytest.raises(NotADirectoryError, match="results is a file, not a directory"):
+        write_json_atomic({"new": 1}, tmp_path / "results" / "sub" / "run.json")
+
+    assert (tmp_path / "results").read_bytes() == OLD_CONTENT

@@ -336,6 +336,12 @@ def test_apply_quantized_rejects_unknown_layer():
         apply_quantized(model, {"missing": q})
 
 
+def test_apply_quantized_rejects_plain_tensor():
+    model = SmallNet()
+    with pytest.raises(TypeError, match=r"quantized\['conv'\] is a Tensor"):
+        apply_quantized(model, {"conv": torch.zeros_like(model.conv.weight)})
+
+
 @pytest.mark.parametrize("shape, axis", [((3, 0), 0), ((0, 3), 0), ((2, 0, 3, 3), 0), ((4, 0, 2), 1), ((0,), 0)])
 def test_empty_weight_quantizes(shape, axis):
     quantized = quantize_per_channel(torch.zeros(shape), 4, axis)

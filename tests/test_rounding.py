@@ -112,6 +112,12 @@ def test_wrong_surrogate_size_raises():
         major_axis_round(torch.randn(2, 3), 4, 0, surrogate)
 
 
+def test_eigenvalue_count_mismatch_raises():
+    surrogate = LowRankSurrogate(torch.ones(3, dtype=torch.float64), torch.ones(6, 2) / 6 ** 0.5, 0.0)
+    with pytest.raises(ValueError, match=r"eigenvalues of shape \(3,\) and eigenvectors of shape \(6, 2\)"):
+        major_axis_round(torch.randn(2, 3), 4, 0, surrogate)
+
+
 def test_wrong_gradient_size_raises():
     surrogate = LowRankSurrogate(torch.ones(1, dtype=torch.float64), torch.ones(6, 1) / 6 ** 0.5, 0.0)
     with pytest.raises(ValueError, match="gradient has 5 entries"):

@@ -104,3 +104,43 @@ def test_cache_without_digest_checks_layers(setup, caplog):
         analyze_or_load(renamed, "m", calibration, 0, **SETTINGS)
     assert "the model has no quantizable layer '0'" in caplog.text
 
+
+@pytest.mark.parametrize("model_key", ["../outside", "a/b", "a\\b", ""])
+def test_model_key_with_path_rejected(setup, model_key):
+    # The key names a file in the cache directory, so a path in it would write elsewhere.
+    model, calibration = setup
+    with pytest.raises(ValueError, match="invalid model_key"):
+        analyze_or_load(model, model_key, calibration, 0, **SETTINGS)
+
+
+def test_dtype_setting_cached(setup, monkeypatch):
+    model, calibration = setup
+    first = analyze_or_load(model, "m", calibration, 0, dtype=torch.float64, **SETTINGS)
+    assert is_analysis_cached("m", calibration, 0, dtype=torch.float64, **SETTINGS)
+    assert not is_analysis_cached("m", calibration, 0, **SETTINGS)
+
+    def fail(*args, **kwargs):
+        raise AssertionError("analyze_layers ran on a cache hit")
+
+    monkeypatch.setattr(study, "analyze_layers", fail)
+    _assert_same(first, analyze_or_load(model, "m", calibration, 0, dtype=torch.float64, **SETTINGS))
+
+
+@pytest.mark.parametrize("setting", [{"seed": 1}, {"layers": {}}], ids=["seed", "layers"])
+def test_reserved_setting_rejected(setup, setting):
+    model, calibration = setup
+    with pytest.raises(TypeError, match=f"{next(iter(setting))} is not a setting of analyze_or_load"):
+        analyze_or_load(model, "m", calibration, 0, **setting, **SETTINGS)
+
+
+def test_cache_of_other_calibration_recomputed(setup, caplog):
+    # Same size and seed, but other samples: the key alone cannot tell the two sets apart.
+    model, calibration = setup
+    analyze_or_load(model, "m", calibration, 0, **SETTINGS)
+    generator = torch.Generator().manual_seed(5)
+    images = torch.randn(16, 1, 4, 4, generator=generator)
+    other = TensorDataset(images, torch.randint(0, 3, (16,), generator=generator))
+    with caplog.at_level(logging.WARNING, logger="cet.study"):
+        again = analyze_or_load(model, "m", other, 0, **SETTINGS)
+    assert "computed from another calibration set" in caplog.text
+    _assert_same(analyze_or_load(model, "m", other, 0, recompute=True, **SETTINGS), again)
