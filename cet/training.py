@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -218,27 +219,65 @@ def _load_checkpoint(path: Path, settings: dict) -> tuple[nn.Module, float]:
     return model, float(state["train_seconds"])
 
 
-def train_or_load(config: TrainConfig, train_set: TensorDataset, device: str | torch.device = "cpu", retrain: bool = False) -> TrainResult:
-    """Load the cached checkpoint for ``config``, or train and cache it.
+@contextlib.contextmanager
+def _training_lock(path: Path):
+    """Hold an exclusive lock for training the checkpoint ``path``, so that concurrent processes train it once.
 
-    The checkpoint is written atomically, so an interrupted run never leaves a partial checkpoint behind.
+    The lock is ``flock`` on ``<path>.lock``, which the operating system releases when its holder exits.
     """
-    path = checkpoint_path(config)
-    if path.exists() and not retrain:
-        model, seconds = _load_checkpoint(path, dataclasses.asdict(config))
-        logger.info("Loaded cached checkpoint %s", path)
-        return TrainResult(model.to(device).eval(), config, seconds, True, path)
+    try:
+        import fcntl
+    except ImportError:
+        # NOTE: without fcntl (Windows) there is no lock, so concurrent runs may both train the checkpoint.
+        yield
+        return
+    with open(path.with_name(path.name + ".lock"), "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logger.warning("Another process is training %s; waiting for it to finish", path)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
+
+def _create_cache_folder(path: Path) -> None:
     # Fail before training, not after, when the cache cannot be written.
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise OSError(f"cannot create the checkpoint cache {path.parent}: {error}; set CET_CACHE to a writable directory") from error
-    model, seconds = train(config, train_set, device)
-    state_dict = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
-    save_atomic({"config": dataclasses.asdict(config), "state_dict": state_dict, "train_seconds": seconds}, path)
+
+
+def train_or_load(config: TrainConfig, train_set: TensorDataset, device: str | torch.device = "cpu", retrain: bool = False) -> TrainResult:
+    """Load the cached checkpoint for ``config``, or train and cache it.
+
+    The checkpoint is written atomically, so an interrupted run never leaves a partial checkpoint behind.
+    A process that finds another one training the same checkpoint waits for it and loads its result.
+    """
+    path = checkpoint_path(config)
+    settings = dataclasses.asdict(config)
+    if path.exists() and not retrain:
+        return _load_cached(path, settings, config, device)
+
+    _create_cache_folder(path)
+    with _training_lock(path):
+        # Another process may have trained this checkpoint while this one waited for the lock.
+        if path.exists() and not retrain:
+            return _load_cached(path, settings, config, device)
+        model, seconds = train(config, train_set, device)
+        state_dict = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
+        save_atomic({"config": settings, "state_dict": state_dict, "train_seconds": seconds}, path)
     logger.info("Trained in %.0f s; checkpoint saved to %s", seconds, path)
     return TrainResult(model, config, seconds, False, path)
+
+
+def _load_cached(path: Path, settings: dict, config: TrainConfig, device: str | torch.device) -> TrainResult:
+    model, seconds = _load_checkpoint(path, settings)
+    logger.info("Loaded cached checkpoint %s", path)
+    return TrainResult(model.to(device).eval(), config, seconds, True, path)
 
 
 def fine_tune_or_load(
@@ -253,12 +292,23 @@ def fine_tune_or_load(
     settings = {"base": dataclasses.asdict(base.config), "fine_tune": dataclasses.asdict(fine_tune)}
     path = cache_dir() / "checkpoints" / f"fashion-resnet34-{fine_tune.key(base.config)}.pt"
     if path.exists() and not retrain:
-        model, seconds = _load_checkpoint(path, settings)
-        logger.info("Loaded cached checkpoint %s", path)
-        return TrainResult(model.to(device).eval(), base.config, seconds, True, path)
+        return _load_cached(path, settings, base.config, device)
     if fine_tune.epochs < 1:
         raise ValueError(f"invalid fine-tuning epochs {fine_tune.epochs}: must be at least 1")
 
+    _create_cache_folder(path)
+    with _training_lock(path):
+        # Another process may have fine-tuned this checkpoint while this one waited for the lock.
+        if path.exists() and not retrain:
+            return _load_cached(path, settings, base.config, device)
+        return _fine_tune(base, fine_tune, train_set, device, settings, path)
+
+
+def _fine_tune(
+    base: TrainResult, fine_tune: FineTuneConfig, train_set: TensorDataset, device: str | torch.device,
+    settings: dict, path: Path,
+) -> TrainResult:
+    """Fine-tune a copy of ``base`` and save it to ``path``."""
     config = base.config
     seed_everything(fine_tune.seed)
     generator = torch.Generator().manual_seed(fine_tune.seed)

@@ -1,9 +1,18 @@
 """Tests of cet.training: the checkpoint cache and the fine-tuning stage, on a few images."""
 
+import dataclasses
+import logging
+import sys
+import threading
+import time
+
+import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from cet.training import FineTuneConfig, TrainConfig, fine_tune_or_load, reference_model, train_or_load
+from cet import training
+from cet.io import save_atomic
+from cet.training import FineTuneConfig, TrainConfig, checkpoint_path, fine_tune_or_load, reference_model, train_or_load
 
 
 def tiny_train_set():
@@ -46,3 +55,34 @@ def test_reference_model_caches_both_stages(tmp_path, monkeypatch):
     assert second.from_cache
     assert len(list((tmp_path / "checkpoints").glob("*.pt"))) == 2
     torch.testing.assert_close(second.model.fc.weight, first.model.fc.weight, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="the training lock uses fcntl.flock")
+def test_waiting_process_loads_checkpoint(tmp_path, monkeypatch, caplog):
+    # Another process holds the training lock: this one waits, then loads that process's checkpoint.
+    import fcntl
+
+    monkeypatch.setenv("CET_CACHE", str(tmp_path))
+    config = TrainConfig(epochs=1, train_size=16, batch_size=8)
+    path = checkpoint_path(config)
+    path.parent.mkdir(parents=True)
+    trained = []
+    original_train = training.train
+    monkeypatch.setattr(training, "train", lambda *args, **kwargs: trained.append(1) or original_train(*args, **kwargs))
+    results = []
+    with open(path.with_name(path.name + ".lock"), "a") as lock, caplog.at_level(logging.WARNING, logger="cet.training"):
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        waiter = threading.Thread(target=lambda: results.append(train_or_load(config, tiny_train_set())))
+        waiter.start()
+        deadline = time.monotonic() + 30
+        while "Another process is training" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "Another process is training" in caplog.text
+        model, seconds = original_train(config, tiny_train_set())
+        save_atomic({"config": dataclasses.asdict(config), "state_dict": model.state_dict(), "train_seconds": seconds}, path)
+        fcntl.flock(lock, fcntl.LOCK_UN)
+    waiter.join(timeout=60)
+    assert not waiter.is_alive()
+    assert trained == []
+    assert results[0].from_cache
+    torch.testing.assert_close(results[0].model.fc.weight, model.fc.weight, rtol=0, atol=0)
