@@ -52,7 +52,7 @@ def compression_ratio(sizes: Sequence[int], bit_widths: Sequence[int]) -> float:
         raise ValueError(
             f"the layers have no weights to quantize (sizes {sizes.tolist()}, bit widths {widths.tolist()})"
         )
-    return FLOAT_BITS * sizes.sum() / quantized_bits
+    return float(FLOAT_BITS * sizes.sum() / quantized_bits)
 
 
 def reachable_ratios(bit_widths: Sequence[int]) -> tuple[float, float]:
