@@ -88,7 +88,7 @@ def allocate_bits(
     With ``target_ratio`` the allocation minimises the total predicted cost within the compression target.
     With ``tolerance`` it minimises the total number of weight bits sum n_l b_l subject to a total
     predicted cost of at most ``tolerance``, and takes the cheapest among allocations of that size.
-    ``tolerance=0`` asks for the smallest model predicted to be no worse than the float32 one.
+    ``tolerance=0`` selects the smallest model predicted to be no worse than the float32 one.
 
     Args:
         costs: (L, B) table; costs[l, j] is the predicted loss change of layer l at ``bit_widths[j]``.

@@ -54,7 +54,7 @@ logger = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parent.parent
 BUILD = ROOT / "_build"
 # The kernel every chapter runs on. "python3" is ipykernel's own kernel, which jupyter_client starts with
-# the interpreter that runs papermill (the project's .venv under make), whatever the notebook's metadata says.
+# the interpreter that runs papermill (the project's .venv under make), whatever kernel the notebook's metadata names.
 KERNEL = "python3"
 PROFILES = ("full", "smoke")
 # Seconds one cell may run before its chapter fails. The full book's longest cell trains ResNet-34 when
