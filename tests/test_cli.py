@@ -335,6 +335,20 @@ def test_calibration_larger_than_data(capsys, tmp_path, cifar):
     assert_nothing_written(output)
 
 
+def model_that_must_not_load():
+    raise AssertionError("the model was loaded before the calibration size was checked")
+
+
+def test_calibration_size_checked_before_loading(capsys, tmp_path, cifar):
+    # Loading the book's model can mean training it first, so a bad size must fail before that.
+    output = tmp_path / "analysis.json"
+    code, _, err = run(capsys, "analyze", "--model", "test_cli:model_that_must_not_load", "--data", cifar,
+                       "--calibration-size", 11, "-o", output)
+    assert code == 1
+    assert "invalid calibration size 11: the data provide 10 samples to draw from" in err
+    assert_nothing_written(output)
+
+
 def test_unwritable_output_path(capsys, tmp_path, cifar):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")

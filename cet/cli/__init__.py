@@ -214,6 +214,12 @@ def _run(args: argparse.Namespace) -> None:
         from ..data import load_data_source
 
         data = load_data_source(args.data, image_size=args.image_size)
+    if args.command == "analyze" and not 0 < args.calibration_size <= len(data.calibration_pool):
+        # Checked before the model loads, because loading the book's model may first train it.
+        raise ValueError(
+            f"invalid calibration size {args.calibration_size}: the data provide {len(data.calibration_pool)} "
+            f"samples to draw from; choose a calibration size from 1 to {len(data.calibration_pool)}"
+        )
     fashion_mnist_dir = None
     if data is not None and args.data.startswith("fashion-mnist:"):
         fashion_mnist_dir = args.data.partition(":")[2]
