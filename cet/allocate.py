@@ -8,8 +8,12 @@ sum_l n_l b_l subject to sum_l c_l(b_l) <= a tolerance. Both use one binary vari
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import numbers
-from collections.abc import Sequence
+import os
+import sys
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,6 +26,43 @@ __all__ = ["Allocation", "InfeasibleTargetError", "allocate_bits", "compression_
 FLOAT_BITS = 32
 _MAX_SOLVES = 5
 _MAX_TOLERANCE_SOLVES = 20
+
+
+@contextlib.contextmanager
+def _native_stdout_discarded() -> Iterator[None]:
+    """Discard what is written to file descriptor 1 (the process's standard output) inside the block.
+
+    The HiGHS build in SciPy 1.17.1 prints a debug line, "HighsMipSolverData::transformNewIntegerFeasibleSolution
+    tmpSolver.run();", to the C standard output during some solves, even with disp=False (the default).
+    Python's own prints inside the block are discarded too, so the block should only call the solver.
+    """
+    try:
+        saved = os.dup(1)
+    except OSError:
+        # Without file descriptor 1 nothing can reach the standard output anyway.
+        yield
+        return
+    with contextlib.suppress(AttributeError, ValueError, OSError):
+        sys.stdout.flush()
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        yield
+    finally:
+        _flush_c_streams()
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(devnull)
+
+
+def _flush_c_streams() -> None:
+    """Flush the C library's output buffers, so that text buffered inside a discarding block goes there."""
+    try:
+        libc = ctypes.CDLL(None)
+        libc.fflush(None)
+    except (OSError, AttributeError, TypeError):
+        # On Windows CDLL(None) raises TypeError, so buffered text may appear after the block.
+        pass
 
 
 class InfeasibleTargetError(ValueError):
@@ -198,8 +239,9 @@ def _solve(
     bound = allowed_bits + 0.5
     for _ in range(_MAX_SOLVES):
         within_budget = LinearConstraint(size_row, -np.inf, bound)
-        result = milp(objective, constraints=[one_per_layer, within_budget],
-                      integrality=np.ones_like(objective), bounds=Bounds(0, 1), options={"mip_rel_gap": 0.0})
+        with _native_stdout_discarded():
+            result = milp(objective, constraints=[one_per_layer, within_budget],
+                          integrality=np.ones_like(objective), bounds=Bounds(0, 1), options={"mip_rel_gap": 0.0})
         if result.status == 2:
             raise InfeasibleTargetError(infeasible_message)
         if result.status != 0 or result.x is None:
@@ -272,8 +314,9 @@ def _fewest_bits_within_tolerance(costs: np.ndarray, sizes: np.ndarray, widths: 
         constraints = [one_per_layer, cost_row]
         if cuts:
             constraints.append(LinearConstraint(np.array(cuts), -np.inf, num_layers - 1))
-        result = milp(objective, constraints=constraints, integrality=np.ones(variables), bounds=Bounds(0, 1),
-                      options={"mip_rel_gap": 0.0})
+        with _native_stdout_discarded():
+            result = milp(objective, constraints=constraints, integrality=np.ones(variables), bounds=Bounds(0, 1),
+                          options={"mip_rel_gap": 0.0})
         if result.status != 0 or result.x is None:
             raise RuntimeError(f"allocation solver failed: {result.message}")
         choice = result.x.reshape(num_layers, len(widths)).argmax(axis=1)
