@@ -13,7 +13,8 @@ import ctypes
 import numbers
 import os
 import sys
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,40 +29,56 @@ _MAX_SOLVES = 5
 _MAX_TOLERANCE_SOLVES = 20
 
 
+# One discarding block at a time: two threads swapping file descriptor 1 could restore each other's null device.
+_STDOUT_LOCK = threading.Lock()
+
+
 @contextlib.contextmanager
 def _native_stdout_discarded() -> Iterator[None]:
-    """Discard what is written to file descriptor 1 (the process's standard output) inside the block.
+    """Discard what native code writes to file descriptor 1 (the process's standard output) inside the block.
 
-    The HiGHS build in SciPy 1.17.1 prints a debug line, "HighsMipSolverData::transformNewIntegerFeasibleSolution
-    tmpSolver.run();", to the C standard output during some solves, even with disp=False (the default).
-    Python's own prints inside the block are discarded too, so the block should only call the solver.
+    The HiGHS build in SciPy 1.17.1 (HiGHS 1.12.0) prints a debug line,
+    "HighsMipSolverData::transformNewIntegerFeasibleSolution tmpSolver.run();", to the C standard output
+    during some solves, even with disp=False (the default). Blocks in several threads run one at a time.
     """
-    try:
-        saved = os.dup(1)
-    except OSError:
-        # Without file descriptor 1 nothing can reach the standard output anyway.
-        yield
-        return
-    with contextlib.suppress(AttributeError, ValueError, OSError):
-        sys.stdout.flush()
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 1)
-        yield
-    finally:
+    # NOTE: while a block runs, anything another thread writes to file descriptor 1 is discarded too.
+    with _STDOUT_LOCK:
+        with contextlib.suppress(AttributeError, ValueError, OSError):
+            sys.stdout.flush()
         _flush_c_streams()
-        os.dup2(saved, 1)
-        os.close(saved)
-        os.close(devnull)
+        saved = _open_or_none(lambda: os.dup(1))
+        devnull = _open_or_none(lambda: os.open(os.devnull, os.O_WRONLY)) if saved is not None else None
+        if devnull is None:
+            if saved is not None:
+                os.close(saved)
+            # Without a copy of file descriptor 1 or a null device, the solver's output is left alone.
+            yield
+            return
+        try:
+            os.dup2(devnull, 1)
+            yield
+        finally:
+            _flush_c_streams()
+            os.dup2(saved, 1)
+            os.close(saved)
+            os.close(devnull)
+
+
+def _open_or_none(open_descriptor: Callable[[], int]) -> int | None:
+    """Return the file descriptor that ``open_descriptor`` opens, or None when that raises OSError."""
+    try:
+        return open_descriptor()
+    except OSError:
+        return None
 
 
 def _flush_c_streams() -> None:
-    """Flush the C library's output buffers, so that text buffered inside a discarding block goes there."""
+    """Flush the C library's output buffers, so that the solver's buffered text is written before fd 1 changes."""
     try:
         libc = ctypes.CDLL(None)
         libc.fflush(None)
     except (OSError, AttributeError, TypeError):
-        # On Windows CDLL(None) raises TypeError, so buffered text may appear after the block.
+        # NOTE: on Windows CDLL(None) raises TypeError, so buffered solver text may appear after the block.
         pass
 
 

@@ -41,6 +41,7 @@ __all__ = [
     "DataNotFoundError",
     "calibration_indices",
     "calibration_set",
+    "check_calibration_size",
     "draw_calibration_set",
     "find_fashion_mnist",
     "imagenet_evaluation_transform",
@@ -427,6 +428,15 @@ def load_data_source(spec: str, image_size: int = 224) -> DataSource:
     return DataSource(spec, calibration_pool, evaluation, len(evaluation.classes))
 
 
+def check_calibration_size(pool: Dataset, size: int) -> None:
+    """Raise ValueError unless ``size`` samples can be drawn from ``pool`` without repeats."""
+    if not 0 < size <= len(pool):
+        raise ValueError(
+            f"invalid calibration size {size}: the data provide {len(pool)} samples to draw from; "
+            f"choose a calibration size from 1 to {len(pool)}"
+        )
+
+
 def draw_calibration_set(pool: Dataset, size: int, seed: int) -> TensorDataset:
     """Draw ``size`` distinct samples from ``pool`` with a seeded generator, stacked into tensors.
 
@@ -436,11 +446,7 @@ def draw_calibration_set(pool: Dataset, size: int, seed: int) -> TensorDataset:
     Raises:
         ValueError: ``size`` is not between 1 and the number of samples in ``pool``.
     """
-    if not 0 < size <= len(pool):
-        raise ValueError(
-            f"invalid calibration size {size}: the data provide {len(pool)} samples to draw from; "
-            f"choose a calibration size from 1 to {len(pool)}"
-        )
+    check_calibration_size(pool, size)
     indices = calibration_indices(len(pool), size, seed)
     if isinstance(pool, TensorDataset):
         images, labels = pool.tensors

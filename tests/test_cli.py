@@ -243,7 +243,7 @@ def test_nonfinite_weights_file(capsys, tmp_path, cifar, value):
     torch.save(state, tmp_path / "weights.pt")
     output = tmp_path / "analysis.json"
     code, _, err = run(capsys, "analyze", "--model", "test_cli:tiny_net", "--weights", tmp_path / "weights.pt",
-                       "--data", cifar, "-o", output)
+                       "--data", cifar, "--calibration-size", 8, "-o", output)
     assert code == 1
     assert "contain NaN or infinity in 2.weight (1 of 216 values)" in err
     assert_nothing_written(output)
@@ -251,7 +251,8 @@ def test_nonfinite_weights_file(capsys, tmp_path, cifar, value):
 
 def test_nonfinite_weights_built(capsys, tmp_path, cifar):
     output = tmp_path / "analysis.json"
-    code, _, err = run(capsys, "analyze", "--model", "test_cli:tiny_net_nan", "--data", cifar, "-o", output)
+    code, _, err = run(capsys, "analyze", "--model", "test_cli:tiny_net_nan", "--data", cifar,
+                       "--calibration-size", 8, "-o", output)
     assert code == 1
     assert "the weights from test_cli:tiny_net_nan contain NaN or infinity in 0.weight" in err
     assert_nothing_written(output)
@@ -336,7 +337,7 @@ def test_calibration_larger_than_data(capsys, tmp_path, cifar):
 
 
 def model_that_must_not_load():
-    raise AssertionError("the model was loaded before the calibration size was checked")
+    raise AssertionError("the model was loaded before the other inputs were checked")
 
 
 def test_calibration_size_checked_before_loading(capsys, tmp_path, cifar):
@@ -347,6 +348,22 @@ def test_calibration_size_checked_before_loading(capsys, tmp_path, cifar):
     assert code == 1
     assert "invalid calibration size 11: the data provide 10 samples to draw from" in err
     assert_nothing_written(output)
+
+
+def test_missing_plan_checked_before_loading(capsys, tmp_path):
+    output = tmp_path / "model.cetq"
+    code, _, err = run(capsys, "quantize", "--model", "test_cli:model_that_must_not_load",
+                       "--plan", tmp_path / "missing.json", "-o", output)
+    assert code == 1
+    assert "missing.json" in err
+    assert_nothing_written(output)
+
+
+def test_missing_packed_file_checked_before_loading(capsys, tmp_path, cifar):
+    code, _, err = run(capsys, "evaluate", "--model", "test_cli:model_that_must_not_load", "--data", cifar,
+                       "--packed", tmp_path / "missing.cetq")
+    assert code == 1
+    assert f"packed model file {tmp_path / 'missing.cetq'} not found" in err
 
 
 def test_unwritable_output_path(capsys, tmp_path, cifar):

@@ -214,12 +214,18 @@ def _run(args: argparse.Namespace) -> None:
         from ..data import load_data_source
 
         data = load_data_source(args.data, image_size=args.image_size)
-    if args.command == "analyze" and not 0 < args.calibration_size <= len(data.calibration_pool):
-        # Checked before the model loads, because loading the book's model may first train it.
-        raise ValueError(
-            f"invalid calibration size {args.calibration_size}: the data provide {len(data.calibration_pool)} "
-            f"samples to draw from; choose a calibration size from 1 to {len(data.calibration_pool)}"
-        )
+    # Every input is checked before the model loads, because loading the book's model may first train it.
+    plan = None
+    if args.command == "analyze":
+        from ..data import check_calibration_size
+
+        check_calibration_size(data.calibration_pool, args.calibration_size)
+    elif getattr(args, "plan", None) is not None:
+        from .steps import read_plan
+
+        plan = read_plan(args.plan)
+    elif getattr(args, "packed", None) is not None and not os.path.isfile(args.packed):
+        raise FileNotFoundError(f"packed model file {args.packed} not found; write one with 'cet quantize'")
     fashion_mnist_dir = None
     if data is not None and args.data.startswith("fashion-mnist:"):
         fashion_mnist_dir = args.data.partition(":")[2]
@@ -227,9 +233,9 @@ def _run(args: argparse.Namespace) -> None:
     if args.command == "analyze":
         _analyze(args, model, data, device)
     elif args.command == "quantize":
-        _quantize(args, model)
+        _quantize(args, model, plan)
     else:
-        _evaluate(args, model, data, device)
+        _evaluate(args, model, data, device, plan)
 
 
 def _analyze(args, model, data, device) -> None:
@@ -261,20 +267,20 @@ def _allocate(args) -> None:
                f"predicted loss change {plan['predicted_cost']:.4g} ({layout})")
 
 
-def _quantize(args, model) -> None:
-    from .steps import quantize, read_plan
+def _quantize(args, model, plan) -> None:
+    from .steps import quantize
 
-    info = quantize(model, read_plan(args.plan), args.output)
+    info = quantize(model, plan, args.output)
     _say(args, f"wrote {args.output}: {info.file_bytes:,} bytes, {info.file_compression_ratio:.2f}x smaller than "
                f"the float32 state dict ({info.fp32_state_dict_bytes:,} bytes); weights {info.weight_compression_ratio:.2f}x")
 
 
-def _evaluate(args, model, data, device) -> None:
-    from .steps import check_output_classes, evaluate, read_plan, simulated_model, write_document
+def _evaluate(args, model, data, device, plan) -> None:
+    from .steps import check_output_classes, evaluate, simulated_model, write_document
 
     variant = "float32"
-    if args.plan is not None:
-        model = simulated_model(model, read_plan(args.plan))
+    if plan is not None:
+        model = simulated_model(model, plan)
         variant = f"simulated quantized ({args.plan})"
     elif args.packed is not None:
         from ..export import load_packed
