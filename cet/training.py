@@ -106,7 +106,7 @@ def checkpoint_path(config: TrainConfig) -> Path:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, dataset: TensorDataset, batch_size: int = 500, device: str | torch.device = "cpu") -> float:
+def evaluate(model: nn.Module, dataset: TensorDataset, batch_size: int = 1000, device: str | torch.device = "cpu") -> float:
     """Return the top-1 accuracy of ``model`` on ``dataset``, in percent, in eval mode."""
     was_training = model.training
     model.eval()
