@@ -58,7 +58,7 @@ BUILD = ROOT / "_build"
 KERNEL = "python3"
 PROFILES = ("full", "smoke")
 # Seconds one cell may run before its chapter fails. The full book's longest cell trains ResNet-34 when
-# the checkpoint is not cached (about 45 minutes on 2 CPU cores); the smoke cells take a minute or two.
+# the checkpoint is not cached (about 2 hours on 2 CPU cores); the smoke cells take a minute or two.
 CELL_TIMEOUTS = {"full": 3 * 3600, "smoke": 900}
 # The execution-time page's data and table, generated into the executed book's book/ folder.
 TIMES_JSON = "execution-times.json"
