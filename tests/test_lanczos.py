@@ -88,6 +88,34 @@ def test_ritz_vectors_orthonormal(num_steps):
     torch.testing.assert_close(gram, torch.eye(num_steps, dtype=torch.float64), rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("num_steps", [5, 40])
+def test_ritz_vectors_point_along_the_start(num_steps):
+    matrix = random_symmetric(40, 7)
+    start = random_start(40, 8)
+
+    result = lanczos(lambda v: matrix @ v, start, num_steps)
+
+    assert (start @ result.ritz_vectors >= 0).all()
+
+
+def test_ritz_vectors_do_not_depend_on_eigh_signs(monkeypatch):
+    # Another LAPACK build may return any eigenvector of the tridiagonal matrix with the opposite sign.
+    matrix = random_symmetric(30, 3)
+    start = random_start(30, 4)
+    expected = lanczos(lambda v: matrix @ v, start, 12)
+    eigh = torch.linalg.eigh
+
+    def eigh_with_other_signs(tridiagonal):
+        values, vectors = eigh(tridiagonal)
+        signs = torch.tensor([(-1.0) ** i for i in range(vectors.shape[1])], dtype=vectors.dtype)
+        return values, vectors * signs
+
+    monkeypatch.setattr(torch.linalg, "eigh", eigh_with_other_signs)
+    result = lanczos(lambda v: matrix @ v, start, 12)
+
+    torch.testing.assert_close(result.ritz_vectors, expected.ritz_vectors, rtol=0, atol=1e-12)
+
+
 def test_tridiagonal_matches_ritz_values():
     matrix = random_symmetric(20, 9)
 
