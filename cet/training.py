@@ -41,6 +41,7 @@ logger = logging.getLogger(__name__)
 
 # Bump when the model definition or the training procedure changes, so that old checkpoints are not reused.
 _RECIPE_VERSION = 2
+_PRECISIONS = {"float32": torch.float32, "float64": torch.float64}
 
 
 @dataclass(frozen=True)
@@ -56,10 +57,31 @@ class TrainConfig:
     train_size: int = 60_000      # first images of a seeded permutation of the training split
     augment: bool = True          # random 2-pixel shifts and horizontal flips
     seed: int = 0
+    # The arithmetic of training. A short run is chaotic: in float32 the last-bit differences between
+    # processors or thread counts grow into curvatures that differ by tens of percent. In float64 they
+    # stay near float32's last bit, so a run is reproducible across machines; on a CPU it is several
+    # times slower.
+    precision: str = "float32"
+
+    def __post_init__(self):
+        if self.precision not in _PRECISIONS:
+            raise ValueError(f"invalid precision {self.precision!r}: expected one of {sorted(_PRECISIONS)}")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return _PRECISIONS[self.precision]
+
+    def settings(self) -> dict:
+        """Return the settings as stored in a checkpoint; the default precision is left out, so that
+        checkpoints trained before the setting existed keep their keys."""
+        settings = dataclasses.asdict(self)
+        if self.precision == "float32":
+            del settings["precision"]
+        return settings
 
     def key(self) -> str:
         """Return a short hash of the settings and of the training recipe's version."""
-        payload = json.dumps({"recipe": _RECIPE_VERSION, **dataclasses.asdict(self)}, sort_keys=True)
+        payload = json.dumps({"recipe": _RECIPE_VERSION, **self.settings()}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -111,9 +133,11 @@ def evaluate(model: nn.Module, dataset: TensorDataset, batch_size: int = 1000, d
     was_training = model.training
     model.eval()
     images, labels = dataset.tensors
+    # Inputs follow the model's dtype, so that a model trained in float64 is evaluated as it is.
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), images.dtype)
     correct = 0
     for start in range(0, len(labels), batch_size):
-        logits = model(images[start:start + batch_size].to(device))
+        logits = model(images[start:start + batch_size].to(device, dtype))
         correct += (logits.argmax(dim=1).cpu() == labels[start:start + batch_size]).sum().item()
     model.train(was_training)
     return 100.0 * correct / len(labels)
@@ -154,7 +178,7 @@ def train(config: TrainConfig, train_set: TensorDataset, device: str | torch.dev
     generator = torch.Generator().manual_seed(config.seed)
     images, labels = _training_subset(train_set, config, generator)
 
-    model = fashion_resnet34().to(device)
+    model = fashion_resnet34().to(device=device, dtype=config.dtype)
     optimizer = torch.optim.SGD(
         _parameter_groups(model, config.weight_decay), lr=config.learning_rate, momentum=config.momentum, nesterov=True
     )
@@ -183,7 +207,7 @@ def _run_epochs(
         for step in range(steps_per_epoch):
             batch = order[step * config.batch_size:(step + 1) * config.batch_size]
             inputs = _augment(images[batch], generator) if config.augment else images[batch]
-            loss = F.cross_entropy(model(inputs.to(device)), labels[batch].to(device))
+            loss = F.cross_entropy(model(inputs.to(device, config.dtype)), labels[batch].to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), config.gradient_clip)
@@ -200,7 +224,7 @@ def _run_epochs(
     model.eval()
 
 
-def _load_checkpoint(path: Path, settings: dict) -> tuple[nn.Module, float]:
+def _load_checkpoint(path: Path, settings: dict, dtype: torch.dtype) -> tuple[nn.Module, float]:
     """Load a cached checkpoint; any unreadable or mismatched file raises ValueError naming it."""
     advice = f"delete {path} or pass retrain=True to train again"
     try:
@@ -211,7 +235,7 @@ def _load_checkpoint(path: Path, settings: dict) -> tuple[nn.Module, float]:
         raise ValueError(f"cached checkpoint {path} is not a cet checkpoint; {advice}")
     if state["config"] != settings:
         raise ValueError(f"cached checkpoint {path} was trained with other settings {state['config']}; {advice}")
-    model = fashion_resnet34()
+    model = fashion_resnet34().to(dtype)
     try:
         model.load_state_dict(state["state_dict"])
     except RuntimeError as error:
@@ -254,11 +278,12 @@ def _create_cache_folder(path: Path) -> None:
 def train_or_load(config: TrainConfig, train_set: TensorDataset, device: str | torch.device = "cpu", retrain: bool = False) -> TrainResult:
     """Load the cached checkpoint for ``config``, or train and cache it.
 
-    The checkpoint is written atomically, so an interrupted run never leaves a partial checkpoint behind.
-    A process that finds another one training the same checkpoint waits for it and loads its result.
+    The model and its checkpoint are in ``config.precision``. The checkpoint is written atomically, so
+    an interrupted run never leaves a partial checkpoint behind. A process that finds another one
+    training the same checkpoint waits for it and loads its result.
     """
     path = checkpoint_path(config)
-    settings = dataclasses.asdict(config)
+    settings = config.settings()
     if path.exists() and not retrain:
         return _load_cached(path, settings, config, device)
 
@@ -275,7 +300,7 @@ def train_or_load(config: TrainConfig, train_set: TensorDataset, device: str | t
 
 
 def _load_cached(path: Path, settings: dict, config: TrainConfig, device: str | torch.device) -> TrainResult:
-    model, seconds = _load_checkpoint(path, settings)
+    model, seconds = _load_checkpoint(path, settings, config.dtype)
     logger.info("Loaded cached checkpoint %s", path)
     return TrainResult(model.to(device).eval(), config, seconds, True, path)
 
@@ -289,7 +314,7 @@ def fine_tune_or_load(
     ``base`` is not modified; the returned model is a trained copy. Its ``train_seconds`` counts both
     stages.
     """
-    settings = {"base": dataclasses.asdict(base.config), "fine_tune": dataclasses.asdict(fine_tune)}
+    settings = {"base": base.config.settings(), "fine_tune": dataclasses.asdict(fine_tune)}
     path = cache_dir() / "checkpoints" / f"fashion-resnet34-{fine_tune.key(base.config)}.pt"
     if path.exists() and not retrain:
         return _load_cached(path, settings, base.config, device)
@@ -333,6 +358,10 @@ def _fine_tune(
 def reference_model(
     config: TrainConfig, fine_tune: FineTuneConfig | None, train_set: TensorDataset, device: str | torch.device = "cpu"
 ) -> TrainResult:
-    """Return the float32 model of the book: trained with ``config``, then fine-tuned unless ``fine_tune`` is None."""
+    """Return the float32 model of the book: trained with ``config``, then fine-tuned unless ``fine_tune`` is None.
+
+    A model trained in float64 (``config.precision``) is rounded to float32 once, after the last stage.
+    """
     base = train_or_load(config, train_set, device=device)
-    return base if fine_tune is None else fine_tune_or_load(base, fine_tune, train_set, device=device)
+    result = base if fine_tune is None else fine_tune_or_load(base, fine_tune, train_set, device=device)
+    return dataclasses.replace(result, model=result.model.float())

@@ -79,10 +79,46 @@ def test_waiting_process_loads_checkpoint(tmp_path, monkeypatch, caplog):
             time.sleep(0.05)
         assert "Another process is training" in caplog.text
         model, seconds = original_train(config, tiny_train_set())
-        save_atomic({"config": dataclasses.asdict(config), "state_dict": model.state_dict(), "train_seconds": seconds}, path)
+        save_atomic({"config": config.settings(), "state_dict": model.state_dict(), "train_seconds": seconds}, path)
         fcntl.flock(lock, fcntl.LOCK_UN)
     waiter.join(timeout=60)
     assert not waiter.is_alive()
     assert trained == []
     assert results[0].from_cache
     torch.testing.assert_close(results[0].model.fc.weight, model.fc.weight, rtol=0, atol=0)
+
+
+def test_float64_training_is_cached_in_float64_and_returned_in_float32(tmp_path, monkeypatch):
+    monkeypatch.setenv("CET_CACHE", str(tmp_path))
+    config = TrainConfig(epochs=1, train_size=16, batch_size=8, precision="float64")
+    fine_tune = FineTuneConfig(epochs=1)
+
+    base = train_or_load(config, tiny_train_set())
+    tuned = fine_tune_or_load(base, fine_tune, tiny_train_set())
+    reloaded = fine_tune_or_load(base, fine_tune, tiny_train_set())
+    reference = reference_model(config, fine_tune, tiny_train_set())
+
+    assert base.model.fc.weight.dtype == torch.float64
+    assert not tuned.from_cache and reloaded.from_cache
+    torch.testing.assert_close(reloaded.model.fc.weight, tuned.model.fc.weight, rtol=0, atol=0)
+    assert {p.dtype for p in reference.model.parameters()} == {torch.float32}
+    torch.testing.assert_close(reference.model.fc.weight, tuned.model.fc.weight.float(), rtol=0, atol=0)
+    assert training.evaluate(base.model, tiny_train_set()) >= 0.0
+
+
+def test_precision_is_part_of_the_key_but_the_default_keeps_old_keys():
+    import hashlib
+    import json
+
+    config = TrainConfig(epochs=3, train_size=100)
+    # The payload as hashed before the precision setting existed.
+    old = {"recipe": training._RECIPE_VERSION, **{k: v for k, v in dataclasses.asdict(config).items() if k != "precision"}}
+    old_key = hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:16]
+
+    assert config.key() == old_key
+    assert TrainConfig(epochs=3, train_size=100, precision="float64").key() != old_key
+
+
+def test_invalid_precision_is_rejected():
+    with pytest.raises(ValueError, match="invalid precision 'float16'"):
+        TrainConfig(precision="float16")
