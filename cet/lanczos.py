@@ -21,8 +21,9 @@ class LanczosResult:
 
     Attributes:
         ritz_values: (m,) float64, descending; m is the number of Lanczos steps taken.
-        ritz_vectors: (n, m) in the dtype of the iteration, unit columns matching ``ritz_values``, each
-            signed so that its component along the start vector is non-negative.
+        ritz_vectors: (n, m) in the dtype of the iteration, unit columns matching ``ritz_values``. Each
+            is signed so that its first coordinate in the Lanczos basis (its component along the
+            normalised start vector) is non-negative.
         residuals: (m,) float64 estimates of |A y - theta y| for each pair, |beta_m s_mi|, which are
             exact in exact arithmetic and reliable under full reorthogonalization.
         alpha: (m,) float64 diagonal of the tridiagonal matrix.
@@ -186,9 +187,10 @@ def lanczos(
     values, vectors = torch.linalg.eigh(tridiagonal)
     order = torch.argsort(values, descending=True)
     values, vectors = values[order], vectors[:, order]
-    # eigh leaves each eigenvector's sign to the LAPACK build and the processor's kernels. Fix it: every Ritz
-    # vector gets a non-negative component along the start vector (the first Lanczos vector), so results that
-    # combine Ritz vectors with chosen coefficients are the same on every machine.
+    # eigh leaves each eigenvector's sign to the LAPACK build and the processor's kernels. Each Ritz vector
+    # gets a non-negative first coordinate in the Lanczos basis, so that a direction combining Ritz vectors
+    # with chosen coefficients does not flip between machines.
+    # NOTE: where that coordinate is at rounding level the sign is still arbitrary.
     vectors = vectors * torch.where(vectors[0] < 0, -1.0, 1.0).to(vectors.dtype)
     ritz_vectors = basis[:steps].T @ vectors.to(basis.dtype)
     residuals = (residual_beta * vectors[-1]).abs()
