@@ -59,7 +59,7 @@ KERNEL = "python3"
 PROFILES = ("full", "smoke")
 # Seconds one cell may run before its chapter fails. The full book's longest cell trains ResNet-34 when
 # the checkpoint is not cached (about 2 hours on 2 CPU cores). The smoke profile's longest cell trains
-# the smoke model in float64, about 10 minutes on one thread; the others take a minute or two.
+# the smoke model in float64, about 10 minutes on one thread. The others take a minute or two.
 CELL_TIMEOUTS = {"full": 3 * 3600, "smoke": 2400}
 # The execution-time page's data and table, generated into the executed book's book/ folder.
 TIMES_JSON = "execution-times.json"

@@ -63,7 +63,8 @@ class TrainConfig:
     seed: int = 0
     # The arithmetic of training. A short run is chaotic. In float32, two threads instead of one moved
     # the smoke model's curvatures by 20 to 60%. In float64 they changed 2 of its 21 million weights, by
-    # one float32 step, and it took 587 s on one thread of a 2-core CPU instead of about a minute.
+    # one float32 step, but its training took 587 s on one thread of a 2-core CPU, where the whole
+    # float32 chapter that trained it took 73 s.
     precision: str = "float32"
 
     def __post_init__(self):
@@ -72,6 +73,7 @@ class TrainConfig:
 
     @property
     def dtype(self) -> torch.dtype:
+        """Torch dtype of the training arithmetic."""
         return _PRECISIONS[self.precision]
 
     def settings(self) -> dict:
@@ -366,8 +368,8 @@ def reference_model(
 ) -> TrainResult:
     """Return the float32 model of the book: trained with ``config``, then fine-tuned unless ``fine_tune`` is None.
 
-    A model trained in float64 (``config.precision``) is rounded to float32 once, after the last stage;
-    the returned ``config`` still names the training precision.
+    A model trained in float64 (``config.precision``) is rounded to float32 once, after the last stage.
+    The returned ``config`` still names the training precision.
     """
     base = train_or_load(config, train_set, device=device)
     result = base if fine_tune is None else fine_tune_or_load(base, fine_tune, train_set, device=device)

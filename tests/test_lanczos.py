@@ -89,7 +89,7 @@ def test_ritz_vectors_orthonormal(num_steps):
 
 
 @pytest.mark.parametrize("num_steps", [5, 40])
-def test_ritz_vectors_point_along_the_start(num_steps):
+def test_ritz_vectors_face_start(num_steps):
     matrix = random_symmetric(40, 7)
     start = random_start(40, 8)
 
@@ -98,7 +98,7 @@ def test_ritz_vectors_point_along_the_start(num_steps):
     assert (start @ result.ritz_vectors >= 0).all()
 
 
-def test_ritz_vectors_do_not_depend_on_eigh_signs(monkeypatch):
+def test_ritz_signs_independent_of_eigh(monkeypatch):
     # Another LAPACK build may return any eigenvector of the tridiagonal matrix with the opposite sign.
     matrix = random_symmetric(30, 3)
     start = random_start(30, 4)
