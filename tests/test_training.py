@@ -1,6 +1,8 @@
 """Tests of cet.training: the checkpoint cache and the fine-tuning stage, on a few images."""
 
 import dataclasses
+import hashlib
+import json
 import logging
 import sys
 import threading
@@ -109,9 +111,6 @@ def test_float64_training_round_trip(tmp_path, monkeypatch):
 
 
 def test_precision_key_keeps_old_keys():
-    import hashlib
-    import json
-
     config = TrainConfig(epochs=3, train_size=100)
     # The payload as hashed before the precision setting existed.
     old = {"recipe": training._RECIPE_VERSION, **{k: v for k, v in dataclasses.asdict(config).items() if k != "precision"}}
